@@ -76,7 +76,11 @@ def parse_args(
             yaml_argv += [f"--{key}", *map(str, value)]
         else:
             yaml_argv += [f"--{key}", str(value)]
-    parsed = parser.parse_args_into_dataclasses(args=yaml_argv + rest, return_remaining_strings=False)
+    *parsed, remaining = parser.parse_args_into_dataclasses(
+        args=yaml_argv + rest, return_remaining_strings=True
+    )
+    if remaining:
+        raise DataError(f"unknown option(s) on the command line: {' '.join(remaining)} (see --help)")
     return tuple(p for p in parsed if dataclasses.is_dataclass(p))
 
 

@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["train_real_tokens_per_second"] = real * trainer.state.epoch / results["train_runtime"]
     results["train_pad_share"] = 1 - real / total
     results.update(trainer.evaluate(metric_key_prefix="eval"))
+    # group_by_length also reorders evaluation batches; predict the test set in row order so that
+    # each prediction lines up with its input row in test_predictions.jsonl.
+    trainer.args.train_sampling_strategy = "random"
     test = trainer.predict(ds["test"], metric_key_prefix="test")
     results.update(test.metrics)
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
