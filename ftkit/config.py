@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ def load_yaml_config(path: str | Path, known: set[str]) -> dict[str, Any]:
     return values
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def parse_args(
     types: tuple[type, ...],
     argv: list[str] | None = None,
@@ -64,6 +71,10 @@ def parse_args(
     known = {f.name for t in types for f in dataclasses.fields(t)}
     config_path, rest = _split_config_flag(argv)
     merged = dict(defaults or {})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ddp_backend" in known and not _has_accelerator():
+        # transformers 5.x runs a multi-process CPU launch as independent single-process runs
+        # (world size 1 each) unless a backend is named; gloo is the CPU one.
+        merged["ddp_backend"] = "gloo"
     if config_path:
         merged.update(load_yaml_config(config_path, known))
     # Values go through argparse as strings, so YAML and CLI give identical types and validation.

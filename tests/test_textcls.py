@@ -144,3 +144,28 @@ def test_lora_trains_adapter_and_head_only_and_reloads_identically(tiny_model, f
     preds = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     probs = predict_texts(adapter_model, tok, [p["text"] for p in preds], info, progress=False)
     np.testing.assert_allclose(probs, [[p[f"p_{n}"] for n in info["labels"]] for p in preds], atol=2e-5)
+
+
+def test_two_process_cpu_launch_runs_two_ranks_and_predicts_each_test_row_once(
+    tiny_model, fixtures, tmp_path
+):
+    import shutil
+    import subprocess
+
+    # 7 test rows: not divisible by the 2 ranks, so padding duplicates would show.
+    lines = (fixtures / "textcls" / "test.csv").read_text().splitlines()
+    test_file = tmp_path / "test7.csv"
+    test_file.write_text("\n".join(lines[:8]) + "\n")
+    out = tmp_path / "ddp"
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    cmd = [
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(Path(textcls.__file__)),
+        *recipe_args(tiny_model, fixtures, out, "--num_train_epochs", "1"), "--test_file", str(test_file),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = next((out / "checkpoints").glob("checkpoint-*"))
+    assert {p.name for p in checkpoint.glob("rng_state*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    rows = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["origin"] for r in rows) == sorted(f"{test_file}:{n}" for n in range(2, 9))
