@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
         # Pads each batch to its own longest input; with length-grouped batches little is padding.
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
-        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)],
+        # Early stopping needs the per-epoch evaluation and best-model tracking it relies on.
+        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)] if training_args.load_best_model_at_end else [],
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
