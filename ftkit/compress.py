@@ -6,7 +6,8 @@ Every function reads a run directory (see the run-directory contract) and writes
     compress_run(run_dir, out_dir, ...)      prune and/or int8-quantize; writes compress.json
     export_onnx(run_dir, out_dir)            fp32 ONNX, checked against PyTorch
     load_compressed(out_dir)                 a model with the HF call shape: (input_ids, attention_mask) -> .logits
-    predict_logits(model, tokenizer, texts)  batched, length-sorted prediction for any of the above
+
+`ftkit.predict.predict_texts` runs any of them (batched, length-sorted).
 
 int8 goes through ONNX Runtime dynamic quantization (per-channel int8 weights, int8 activations quantized
 per batch at run time). On the 2-core Xeon this project measures on, it ran MiniLM-L6 at about 3x the
@@ -28,19 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
+from ftkit.models import MODEL_CLASSES
+from ftkit.predict import load_run, read_run_info
+from ftkit.run import RUN_FILE
+
 COMPRESS_FILE = "compress.json"
-RUN_FILE = "ftkit_run.json"
 ONNX_ATOL = 1e-4  # fp32 ONNX vs PyTorch; int8 is judged by labels and accuracy instead
 _KEEP = (
     "config.json",
@@ -53,50 +51,32 @@ _KEEP = (
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_run_info(run_dir: str | Path) -> dict:
-    """Return `ftkit_run.json` of a run directory, or `{}` when the directory has none (a bare HF model)."""
-    path = Path(run_dir) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _auto_class(run_dir: Path):
-    task = read_run_info(run_dir).get("task", "text-classification")
-    return (
-        AutoModelForTokenClassification
-        if task == "token-classification"
-        else AutoModelForSequenceClassification
-    )
+def read_compress_record(run_dir: str | Path) -> dict:
+    """`compress.json` of a run directory written by this module, or `{}` for any other run."""
+    path = Path(run_dir) / COMPRESS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def load_torch_model(run_dir: str | Path) -> PreTrainedModel:
-    """Load the PyTorch model of a full, LoRA (merged in memory) or pruned run directory, in eval mode.
+    """The PyTorch model of a full, LoRA (merged in memory) or pruned run directory, in eval mode.
 
-    A LoRA run is rebuilt from `base_model` (ftkit_run.json, else adapter_config.json) plus `adapter/`, and
-    merged, so that everything downstream sees one plain transformers model.
+    Everything downstream (pruning, export) sees one plain transformers model.
     """
     run_dir = Path(run_dir)
-    auto = _auto_class(run_dir)
-    info = json.loads((run_dir / COMPRESS_FILE).read_text()) if (run_dir / COMPRESS_FILE).exists() else {}
-    if info.get("format") == "onnx":
-        raise ValueError(f"{run_dir} holds an ONNX model; use load_compressed()")
-    if info.get("layers"):
+    record = read_compress_record(run_dir)
+    if record.get("format") == "onnx":
+        raise ValueError(f"{run_dir} holds an ONNX model; open it with load_compressed()")
+    if record.get("layers"):
         # Pruned layers have shapes config.json cannot express: build the full model, shrink it, load.
-        model = auto.from_config(AutoConfig.from_pretrained(run_dir))
-        for layer, shape in zip(_layers(model), info["layers"], strict=True):
+        model = MODEL_CLASSES[read_run_info(run_dir)["task"]].from_config(AutoConfig.from_pretrained(run_dir))
+        for layer, shape in zip(_layers(model), record["layers"], strict=True):
             _shrink_layer(layer, shape["heads"], shape["intermediate"])
         model.load_state_dict(load_file(run_dir / "model.safetensors"), strict=True)
         return model.eval()
-    if (run_dir / "model.safetensors").exists() or not (run_dir / "adapter").is_dir():
-        return auto.from_pretrained(run_dir).eval()
-    from peft import PeftModel
-
-    adapter_dir = run_dir / "adapter"
-    base = (
-        read_run_info(run_dir).get("base_model")
-        or json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    )
-    model = auto.from_pretrained(base, config=AutoConfig.from_pretrained(run_dir))
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().eval()
+    model, _tokenizer, _info = load_run(run_dir)
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    return model.eval()
 
 
 @dataclass
@@ -139,40 +119,10 @@ def load_compressed(run_dir: str | Path) -> PreTrainedModel | OnnxModel:
     `model(input_ids=..., attention_mask=...).logits` and carry `.config` (id2label).
     """
     run_dir = Path(run_dir)
-    info = json.loads((run_dir / COMPRESS_FILE).read_text()) if (run_dir / COMPRESS_FILE).exists() else {}
-    if info.get("format") == "onnx":
-        return OnnxModel(onnx_session(run_dir / info["file"]), AutoConfig.from_pretrained(run_dir))
+    record = read_compress_record(run_dir)
+    if record.get("format") == "onnx":
+        return OnnxModel(onnx_session(run_dir / record["file"]), AutoConfig.from_pretrained(run_dir))
     return load_torch_model(run_dir)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Prediction
-# ---------------------------------------------------------------------------------------------------------
-
-
-def predict_logits(
-    model, tokenizer, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128
-) -> list[np.ndarray]:
-    """Logits per text, in input order: `[num_labels]` per text, or `[tokens, num_labels]` for token tasks.
-
-    Texts are tokenized once without padding and sorted by length, so each batch pads only to its own
-    longest member and little compute goes to pad tokens. Texts longer than `max_length` are cut (head).
-    """
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    ids, masks = enc["input_ids"], enc["attention_mask"]
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    out: list[np.ndarray | None] = [None] * len(ids)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = tokenizer.pad(
-                {"input_ids": [ids[i] for i in chunk], "attention_mask": [masks[i] for i in chunk]},
-                return_tensors="pt",
-            )
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            for row, i in enumerate(chunk):
-                out[i] = logits[row, : len(ids[i])].numpy() if logits.dim() == 3 else logits[row].numpy()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,9 +137,8 @@ def _copy_run_files(run_dir: Path, out_dir: Path, tokenizer) -> None:
             shutil.copy(run_dir / name, out_dir / name)
     tokenizer.save_pretrained(out_dir)
     info = read_run_info(out_dir)
-    if info:
-        info.update(lora=False, compressed_from=str(run_dir))
-        (out_dir / RUN_FILE).write_text(json.dumps(info, indent=2))
+    info.update(lora=False, compressed_from=str(run_dir))
+    (out_dir / RUN_FILE).write_text(json.dumps(info, indent=2))
 
 
 def merge_lora(run_dir: str | Path, out_dir: str | Path) -> Path:
@@ -421,9 +370,8 @@ def _export(model, path: Path, example: dict) -> None:
 
 def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     """ONNX Runtime dynamic int8: weights int8 per output channel, activations quantized per batch."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
     level = root.level
@@ -511,7 +459,7 @@ def compress_run(
     if pruning and not texts:
         raise ValueError("pruning needs validation texts to estimate head/neuron importance (texts=...)")
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    max_length = read_run_info(run_dir).get("max_length", min(tokenizer.model_max_length, 512))
+    max_length = read_run_info(run_dir)["max_length"]
     model = load_torch_model(run_dir)
     record: dict = {"source": str(run_dir), "format": "safetensors", "file": "model.safetensors"}
     if pruning:

@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
         # Early stopping needs the per-epoch evaluation and best-model tracking it relies on.
-        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)] if training_args.load_best_model_at_end else [],
+        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)]
+        if training_args.load_best_model_at_end
+        else [],
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
