@@ -133,6 +133,10 @@ TRAINING_DEFAULTS = {
     "logging_steps": 20,
     "report_to": "none",
     "seed": 42,
+    # True (the transformers 5 default) multiplies the loss by the world size for models whose loss
+    # takes no token count, BERT heads included: gradients and logged losses come out N times too
+    # large in a multi-process run (transformers issue #37474).
+    "average_tokens_across_devices": False,
 }
 
 
@@ -211,9 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
         # Early stopping needs the per-epoch evaluation and best-model tracking it relies on.
-        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)]
-        if training_args.load_best_model_at_end
-        else [],
+        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)] if training_args.load_best_model_at_end else [],
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
