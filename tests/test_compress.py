@@ -27,6 +27,8 @@ def _write_run(model, tok, run_dir: Path, task: str = "text-classification", lor
         model.save_pretrained(run_dir)
     tok.save_pretrained(run_dir)
     info = {"task": task, "max_length": 64, "long_text": "head", "stride": 0, "lora": lora, "base_model": ""}
+    if model is not None:
+        info["labels"] = [model.config.id2label[i] for i in range(model.config.num_labels)]
     (run_dir / "ftkit_run.json").write_text(json.dumps(info))
     return run_dir
 
@@ -111,8 +113,13 @@ def test_onnx_export_matches_pytorch(cls_run, tmp_path, texts):
     np.testing.assert_allclose(got, expected, atol=compress.ONNX_ATOL, rtol=0)
 
 
-def test_int8_loads_without_pickle_and_keeps_labels(cls_run, tmp_path, texts):
-    out = compress.compress_run(cls_run, tmp_path / "int8", quantize="int8")
+@pytest.fixture(scope="module")
+def int8_run(cls_run, tmp_path_factory) -> Path:
+    return compress.compress_run(cls_run, tmp_path_factory.mktemp("int8") / "int8", quantize="int8")
+
+
+def test_int8_loads_without_pickle_and_keeps_labels(cls_run, int8_run, texts):
+    out = int8_run
 
     files = {p.name for p in out.iterdir()}
     assert "model.int8.onnx" in files and "model.onnx" not in files and "compress.json" in files
@@ -132,6 +139,32 @@ def test_int8_loads_without_pickle_and_keeps_labels(cls_run, tmp_path, texts):
     fp32 = _logits(compress.load_torch_model(cls_run), tok, texts).argmax(-1)
     int8 = _logits(model, tok, texts).argmax(-1)
     assert (fp32 == int8).mean() >= 0.9
+
+
+def test_bench_predict_writes_table(cls_run, int8_run, tmp_path, fixtures):
+    from ftkit.bench import PIPELINE, bench_predict
+
+    result = bench_predict(
+        [cls_run, int8_run],
+        test_file=fixtures / "textcls" / "test.csv",
+        label_column="label",
+        speed_texts=8,
+        latency_texts=2,
+        rounds=1,
+        out_dir=tmp_path,
+    )
+
+    rows = result["rows"]
+    assert list(rows)[0] == PIPELINE and len(rows) == 3
+    fp32_row = next(r for name, r in rows.items() if name.startswith(cls_run.name))
+    # Same model, same truncation: the pipeline and ftkit's predict path agree on every label.
+    assert rows[PIPELINE]["accuracy"] == fp32_row["accuracy"] > 0.5
+    assert rows[PIPELINE]["speedup_vs_pipeline"] == 1.0
+    assert all(
+        r["throughput_per_s"] > 0 and r["latency_p95_ms"] >= r["latency_p50_ms"] for r in rows.values()
+    )
+    assert json.loads((tmp_path / "bench_predict.json").read_text())["rows"] == rows
+    assert (tmp_path / "bench_predict.md").read_text().count("\n| ") == 4  # header + 3 rows
 
 
 def test_gated_heads_equal_physically_pruned_model(cls_run):
