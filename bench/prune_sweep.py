@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/prune_sweep.py runs/textcls/R --validation_file val.csv --train_file train.csv \
         --levels 0.25 0.5 0.75 --recover_steps 100
 
-Variants (written next to the run as R-int8, R-p25-int8, ...): int8 alone, then for each level that fraction
+Variants (written next to the run as R-int8, R-p25, R-p25-int8, ...): int8 alone, then for each level that fraction
 of attention heads and of FFN neurons removed (importance on the validation texts), recovered by
 distillation on the training texts, and quantized to int8. The table comes from bench/predict_speed.py.
 """
@@ -34,35 +34,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--recover_steps", type=int, default=100)
     parser.add_argument("--fp32_pruned", action="store_true", help="also bench the pruned fp32 models")
-    parser.add_argument("--skip_build", action="store_true", help="bench variants built earlier")
+    parser.add_argument("--max_texts", type=int, default=128, help="validation texts used for importance")
     args, bench_args = parser.parse_known_args(argv)
-    val = [r["text"] for r in read_table(args.validation_file, require_label=False)[0]]
+    val = [r["text"] for r in read_table(args.validation_file, require_label=False)[0]][: args.max_texts]
     train = (
         [r["text"] for r in read_table(args.train_file, require_label=False)[0]] if args.train_file else None
     )
 
-    variants = []
-    for level in [0.0, *args.levels]:
-        for quantize in ("int8", None) if args.fp32_pruned and level else ("int8",):
-            out = args.run.parent / f"{args.run.name}-p{round(level * 100)}{'-int8' if quantize else ''}"
-            if not args.skip_build:
-                start = time.perf_counter()
-                compress_run(
-                    args.run,
-                    out,
-                    quantize=quantize,
-                    prune_heads=level,
-                    prune_ffn=level,
-                    recover_steps=args.recover_steps if level else 0,
-                    texts=val,
-                    recover_texts=train,
-                )
-                record = json.loads((out / "compress.json").read_text())
-                print(
-                    f"built {out} in {time.perf_counter() - start:.0f} s: {record.get('recover_loss_first_last')}"
-                )
-            variants.append(str(out))
-    predict_speed.main([str(args.run), *variants, *bench_args])
+    def build(src: Path, out: Path, **kwargs) -> None:
+        if (out / "compress.json").exists():  # built by an earlier sweep: delete the folder to rebuild
+            return
+        start = time.perf_counter()
+        compress_run(src, out, **kwargs)
+        record = json.loads((out / "compress.json").read_text())
+        print(
+            f"built {out} in {time.perf_counter() - start:.0f} s, recovery loss {record.get('recover_loss_first_last')}"
+        )
+
+    name = args.run.parent / args.run.name
+    variants = [Path(f"{name}-int8")]
+    build(args.run, variants[0], quantize="int8")
+    for level in args.levels:
+        # Prune once (fp32, safetensors), then quantize that model: pruning is the slow step.
+        pruned, pruned_int8 = (
+            Path(f"{name}-p{round(level * 100)}"),
+            Path(f"{name}-p{round(level * 100)}-int8"),
+        )
+        build(
+            args.run,
+            pruned,
+            prune_heads=level,
+            prune_ffn=level,
+            recover_steps=args.recover_steps,
+            texts=val,
+            recover_texts=train,
+        )
+        build(pruned, pruned_int8, quantize="int8")
+        variants += [pruned, pruned_int8] if args.fp32_pruned else [pruned_int8]
+    predict_speed.main([str(args.run), *map(str, variants), *bench_args])
 
 
 if __name__ == "__main__":

@@ -461,7 +461,9 @@ def compress_run(
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     max_length = read_run_info(run_dir)["max_length"]
     model = load_torch_model(run_dir)
-    record: dict = {"source": str(run_dir), "format": "safetensors", "file": "model.safetensors"}
+    # A compressed source (e.g. pruned, now quantized) passes on what was done to it.
+    record = {**read_compress_record(run_dir), "source": str(run_dir), "format": "safetensors"}
+    record["file"] = "model.safetensors"
     if pruning:
         batches = _batches(tokenizer, texts, batch_size, max_length)
         heads, ffn = estimate_importance(model, batches)

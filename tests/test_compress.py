@@ -237,12 +237,17 @@ def test_pruned_int8_token_classification(tiny_model, tmp_path, texts):
     model = AutoModelForTokenClassification.from_pretrained(tiny_model, num_labels=3).eval()
     run = _write_run(model, tok, tmp_path / "ner-run", task="token-classification")
 
-    out = compress.compress_run(run, tmp_path / "ner-int8", quantize="int8", prune_heads=0.25, texts=texts)
+    pruned = compress.compress_run(run, tmp_path / "ner-p25", prune_heads=0.25, texts=texts, recover_steps=2)
+    out = compress.compress_run(pruned, tmp_path / "ner-p25-int8", quantize="int8")  # quantize the pruned run
 
-    assert json.loads((out / "compress.json").read_text())["file"] == "model.int8.onnx"
-    logits = _logits(compress.load_compressed(out), tok, texts[:5])
-    assert logits.shape == (5, max(len(ids) for ids in tok(texts[:5])["input_ids"]), 3)
-    assert np.isfinite(logits).all()
+    record = json.loads((out / "compress.json").read_text())
+    assert record["file"] == "model.int8.onnx" and record["source"] == str(pruned)
+    assert sum(layer["heads"] for layer in record["layers"]) == 6  # carried over from the pruned source
+    fp32 = _logits(compress.load_compressed(pruned), tok, texts[:5])
+    int8 = _logits(compress.load_compressed(out), tok, texts[:5])
+    assert int8.shape == fp32.shape == (5, max(len(ids) for ids in tok(texts[:5])["input_ids"]), 3)
+    mask = tok(texts[:5], padding=True, return_tensors="np")["attention_mask"].astype(bool)
+    assert (int8.argmax(-1) == fp32.argmax(-1))[mask].mean() >= 0.8
 
 
 def test_compress_needs_texts_for_pruning(cls_run, tmp_path):
