@@ -1,0 +1,145 @@
+"""Config precedence, shipped YAML files, --help, `ftkit cp` and `ftkit predict`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import TrainingArguments
+
+from ftkit import DataError
+from ftkit.cli import main as ftkit_main
+from ftkit.config import parse_args
+from ftkit.models import ModelArguments
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+import textcls  # noqa: E402
+
+TYPES = (textcls.DataArguments, ModelArguments, TrainingArguments)
+
+
+def parse(argv):
+    return parse_args(TYPES, argv, defaults=textcls.TRAINING_DEFAULTS)
+
+
+def test_recipe_defaults_apply_and_cli_beats_yaml(tmp_path):
+    data, model, train = parse([])
+    assert train.learning_rate == 1e-4 and train.lr_scheduler_type == "cosine" and data.max_length == 128
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "learning_rate: 3.0e-5\nmax_length: 64\nuse_lora: true\nlora_target_modules: [query, value]\n"
+    )
+    data, model, train = parse(["--config", str(cfg), "--learning_rate", "2e-5"])
+    assert train.learning_rate == 2e-5 and data.max_length == 64
+    assert model.use_lora is True and model.lora_target_modules == ["query", "value"]
+
+
+def test_unknown_keys_fail_in_yaml_and_on_the_command_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 1.0e-4\nleraning_rate: 2\n")
+    with pytest.raises(DataError, match=r"c\.yaml: unknown option\(s\) leraning_rate"):
+        parse(["--config", str(cfg)])
+    with pytest.raises(DataError, match="unknown option.*--no_such_flag"):
+        parse(["--no_such_flag", "1"])
+
+
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_parses(config):
+    recipe = config.stem.split("_")[0]
+    if recipe != "textcls":
+        pytest.skip(f"{recipe} configs are checked by its own tests")
+    data, model, train = parse(["--config", str(config)])
+    assert train.metric_for_best_model == "macro_f1"
+
+
+def test_default_yaml_equals_the_recipe_defaults():
+    assert parse(["--config", str(ROOT / "recipes" / "configs" / "textcls.yaml")]) == parse([])
+
+
+def test_help_lists_recipe_and_training_options():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "textcls.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--long_text",
+        "--train_file",
+        "--use_lora",
+        "--learning_rate",
+        "--config",
+        "--encoding_errors",
+    ):
+        assert flag in out, flag
+
+
+def test_recipe_exits_with_a_short_message_on_bad_data(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nok,a\n,b\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "textcls.py"), "--train_file", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "bad.csv:3: empty or missing text" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cp_copies_a_recipe_that_runs_outside_the_repository(tmp_path, tiny_model, fixtures):
+    assert ftkit_main(["cp", "textcls", str(tmp_path / "my_task.py")]) == 0
+    assert (tmp_path / "my_task.py").is_file() and (tmp_path / "my_task.yaml").is_file()
+    assert (tmp_path / "my_task_lora.yaml").is_file()
+    assert ftkit_main(["cp", "textcls", str(tmp_path / "my_task.py")]) == 2  # exists, no --force
+    data = fixtures / "textcls"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable, "my_task.py", "--config", "my_task.yaml", "--model_name_or_path", tiny_model,
+        "--train_file", str(data / "train.csv"), "--max_steps", "2", "--output_dir", "out", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_predict_cli_txt_and_csv(tmp_path, tiny_model, fixtures):
+    run = tmp_path / "run"
+    data = fixtures / "textcls"
+    textcls.main(
+        [
+            "--model_name_or_path",
+            tiny_model,
+            "--train_file",
+            str(data / "train.csv"),
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(run),
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    txt = tmp_path / "in.txt"
+    txt.write_text("Chef bakes bread.\n\nNew phone chip.\nThe match went on.\n")
+    assert ftkit_main(["predict", str(run), "--input", str(txt), "--output", str(tmp_path / "p.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["origin"] for r in rows] == [f"{txt}:1", f"{txt}:3", f"{txt}:4"]
+    assert all(r["label"] in {"food", "sports", "tech"} for r in rows)
+    assert all(abs(r["p_food"] + r["p_sports"] + r["p_tech"] - 1) < 1e-4 for r in rows)
+
+    assert (
+        ftkit_main(
+            ["predict", str(run), "--input", str(data / "test.csv"), "--output", str(tmp_path / "p.csv")]
+        )
+        == 0
+    )
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["origin", "text", "label"] and len(lines) == 13
+    assert ftkit_main(["predict", str(tmp_path), "--input", str(txt)]) == 2  # not a run directory
