@@ -133,6 +133,10 @@ TRAINING_DEFAULTS = {
     "logging_steps": 20,
     "report_to": "none",
     "seed": 42,
+    # True (the transformers 5 default) multiplies the loss by the world size for models whose loss
+    # takes no token count, BERT heads included: gradients and logged losses come out N times too
+    # large in a multi-process run (transformers issue #37474).
+    "average_tokens_across_devices": False,
 }
 
 

@@ -169,3 +169,6 @@ def test_two_process_cpu_launch_runs_two_ranks_and_predicts_each_test_row_once(
     assert {p.name for p in checkpoint.glob("rng_state*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     rows = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     assert sorted(r["origin"] for r in rows) == sorted(f"{test_file}:{n}" for n in range(2, 9))
+    # The tiny model starts near uniform over 3 classes: losses near ln 3 = 1.10, not N times that.
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_loss"] < 1.5 and results["eval_loss"] < 1.5
