@@ -3,7 +3,7 @@
 A recipe uses these explicitly:
 
     trainer = Trainer(..., callbacks=[CrashSafeCheckpoints(), NonFiniteGuard()])
-    trainer.train(resume_from_checkpoint=resolve_resume(args.output_dir) if resume else None)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(data_args.resume, training_args.output_dir))
 
 How a checkpoint becomes "complete": Trainer writes `checkpoint-N/` file by file. After the save (all ranks
 done), `CrashSafeCheckpoints` fsyncs every file and the folder, then atomically writes `ftkit_complete.json`
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from ftkit import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,21 @@ def resolve_resume(output_dir: str | os.PathLike) -> str | None:
     else:
         logger.warning("No checkpoint in %s: starting fresh", output_dir)
     return None
+
+
+def resume_checkpoint(resume: str | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint a recipe's `--resume` asks for: None (start fresh), "auto" (`resolve_resume`) or a path.
+
+    An explicit path must be a complete checkpoint; otherwise `DataError` names it and says why.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        return resolve_resume(output_dir)
+    reason = incomplete_reason(resume) if Path(resume).is_dir() else "not a folder"
+    if reason:
+        raise DataError(f"{resume}: cannot resume from this checkpoint: {reason}")
+    return str(resume)
 
 
 def _fsync(path: Path) -> None:

@@ -34,6 +34,13 @@ from ftkit.models import (
     save_model,
 )
 from ftkit.predict import prediction_rows, write_rows
+from ftkit.reliability import (  # reliability
+    CrashSafeCheckpoints,
+    NonFiniteError,
+    NonFiniteGuard,
+    exact_eval_loss,
+    resume_checkpoint,
+)
 from ftkit.run import (
     RUN_FILE,
     make_run_dir,
@@ -112,6 +119,13 @@ class DataArguments:
     )
     early_stopping_patience: int = field(
         default=2, metadata={"help": "Evaluations without macro-F1 improvement before stopping."}
+    )
+    resume: str | None = field(  # reliability
+        default=None,
+        metadata={
+            "help": "auto: continue from the last complete checkpoint in <output_dir>/checkpoints (partial "
+            "ones are skipped; none: start fresh); or the path of one checkpoint."
+        },
     )
 
 
@@ -203,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def compute_metrics(pred):
         logits, labels = pred
-        return classification_scores(labels, logits.argmax(-1), len(names))
+        scores = classification_scores(labels, logits.argmax(-1), len(names))
+        # reliability: reported as eval_loss; Trainer's own counts the padding repeats of 2+ ranks.
+        return {**scores, "loss": exact_eval_loss(logits, labels)}
 
     trainer = Trainer(
         model=model,
@@ -214,12 +230,19 @@ def main(argv: list[str] | None = None) -> dict:
         # Pads each batch to its own longest input; with length-grouped batches little is padding.
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
+        # reliability: checkpoints count only once complete; NaN/Inf stops the run (NonFiniteError).
         # Early stopping needs the per-epoch evaluation and best-model tracking it relies on.
-        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)] if training_args.load_best_model_at_end else [],
+        callbacks=[CrashSafeCheckpoints(), NonFiniteGuard()]
+        + (
+            [EarlyStoppingCallback(data_args.early_stopping_patience)]
+            if training_args.load_best_model_at_end
+            else []
+        ),
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
-    train_result = trainer.train()
+    checkpoint = resume_checkpoint(data_args.resume, training_args.output_dir)  # reliability
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     results = dict(train_result.metrics)
     real, total = pad_stats(trainer.get_train_dataloader())
     results["train_real_tokens_per_second"] = real * trainer.state.epoch / results["train_runtime"]
@@ -305,5 +328,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as err:
+    except (DataError, NonFiniteError) as err:  # reliability: NonFiniteError
         raise SystemExit(f"error: {err}") from None

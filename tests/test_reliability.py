@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import runpy
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import safe_globals
 
+from ftkit import DataError
 from ftkit.reliability import (
     MARKER,
     CrashSafeCheckpoints,
@@ -34,9 +36,11 @@ from ftkit.reliability import (
     mark_complete,
     prune_checkpoints,
     resolve_resume,
+    resume_checkpoint,
 )
 
 SCRIPT = str(Path(__file__).with_name("reliability_train.py"))
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "textcls.py"
 TOTAL_STEPS = 24  # 48 rows / 4 per step * 2 epochs
 
 
@@ -119,6 +123,17 @@ def test_resume_skips_partial_and_damaged_checkpoints(tmp_path, caplog):
         "step": 10,
         "files": {"model.safetensors": 10, "trainer_state.json": 2},
     }
+
+
+def test_explicit_resume_path_must_be_complete(tmp_path):
+    good, partial = fake_checkpoint(tmp_path, 5), fake_checkpoint(tmp_path, 10, complete=False)
+    assert resume_checkpoint(str(good), tmp_path) == str(good)
+    assert resume_checkpoint(None, tmp_path) is None
+    assert resume_checkpoint("auto", tmp_path) == str(good)
+    with pytest.raises(
+        DataError, match=r"checkpoint-10: cannot resume from this checkpoint: no ftkit_complete"
+    ):
+        resume_checkpoint(str(partial), tmp_path)
 
 
 def test_prune_keeps_newest_complete_and_best(tmp_path):
@@ -359,3 +374,50 @@ def test_two_rank_sigkill_then_resume_is_exact(tiny_model, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "result.json").read_text())["world_size"] == 2
     assert_same_run(tmp_path / "ref", tmp_path / "run", f"2 ranks, killed at step {step}")
+
+
+# ---- the textcls recipe ----------------------------------------------------------------------------------
+
+
+def recipe_argv(tiny_model: str, fixtures: Path, out: Path, *extra: str) -> list[str]:
+    data = fixtures / "textcls"
+    return [
+        "--model_name_or_path", tiny_model,
+        "--train_file", str(data / "train.csv"),
+        "--validation_file", str(data / "validation.csv"),
+        "--test_file", str(data / "test.csv"),
+        "--output_dir", str(out),
+        "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "8",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_recipe_exits_with_the_step_when_training_diverges(tiny_model, fixtures, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = recipe_argv(
+        tiny_model, fixtures, out, "--learning_rate", "1e9", "--load_best_model_at_end", "false"
+    )
+    monkeypatch.setattr(sys, "argv", [str(RECIPE), *argv, "--save_strategy", "steps", "--save_steps", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(RECIPE), run_name="__main__")
+    message = exit_.value.code  # a string: the process prints it and exits with status 1
+    assert isinstance(message, str) and message.startswith("error: non-finite gradient norm (nan) at step ")
+    step = int(message.split("at step ")[1].split(";")[0])
+    saved = list_checkpoints(out / "checkpoints")
+    assert [p.name for p in saved] == [f"checkpoint-{s}" for s in range(1, step)]  # none for the bad step
+    assert resolve_resume(out / "checkpoints") == str(saved[-1])
+    for checkpoint in saved:
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values()), checkpoint.name
+    assert not (out / "model.safetensors").exists()  # no final model either
+
+
+def test_recipe_resume_auto_without_checkpoints_starts_fresh(tiny_model, fixtures, tmp_path, capsys):
+    out = tmp_path / "run"
+    main = runpy.run_path(str(RECIPE))["main"]
+    results = main(recipe_argv(tiny_model, fixtures, out, "--resume", "auto"))
+    assert f"No checkpoint in {out / 'checkpoints'}: starting fresh" in capsys.readouterr().err
+    assert results["epoch"] == 2 and (out / "model.safetensors").is_file()
+    assert resolve_resume(out / "checkpoints") == str(list_checkpoints(out / "checkpoints")[-1])
