@@ -10,7 +10,7 @@ done), `CrashSafeCheckpoints` fsyncs every file and the folder, then atomically 
 (file names and sizes). `resolve_resume` only returns a checkpoint whose marker is present and whose files
 still match it; anything else is skipped with a warning and never loaded. Exact resume itself (weights,
 optimizer, scheduler, per-rank RNG states, data order) is Trainer's own; ftkit only makes sure that what
-Trainer resumes from is whole.
+Trainer resumes from is whole. Each guarantee has a test in tests/test_reliability.py.
 """
 
 from __future__ import annotations
@@ -133,12 +133,10 @@ def mark_complete(checkpoint_dir: str | os.PathLike) -> None:
             files[path.relative_to(checkpoint).as_posix()] = path.stat().st_size
     for folder in {p.parent for p in checkpoint.rglob("*")} | {checkpoint}:
         _fsync(folder)
-    step = (
-        int(_CHECKPOINT_RE.match(checkpoint.name).group(1)) if _CHECKPOINT_RE.match(checkpoint.name) else None
-    )
+    match = _CHECKPOINT_RE.match(checkpoint.name)
     tmp = checkpoint / f".{MARKER}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"step": step, "files": files}, f, indent=1)
+        json.dump({"step": int(match.group(1)) if match else None, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, checkpoint / MARKER)  # atomic: the marker is either absent or whole
