@@ -154,17 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Data: load, check labels, tokenize -------------------------------------------------
     splits, stats = load_text_splits(
-        **{
-            k: getattr(data_args, k)
-            for k in (
-                "dataset_name",
-                "dataset_config",
-                "train_file",
-                "validation_file",
-                "test_file",
-                "data_dir",
-            )
-        },
+        dataset_name=data_args.dataset_name,
+        dataset_config=data_args.dataset_config,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        test_file=data_args.test_file,
+        data_dir=data_args.data_dir,
         text_column=data_args.text_column,
         label_column=data_args.label_column,
         encoding=data_args.encoding,
@@ -215,14 +210,18 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
         # Early stopping needs the per-epoch evaluation and best-model tracking it relies on.
-        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)] if training_args.load_best_model_at_end else [],
+        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)]
+        if training_args.load_best_model_at_end
+        else [],
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
     train_result = trainer.train()
     results = dict(train_result.metrics)
     real, total = pad_stats(trainer.get_train_dataloader())
-    results["train_real_tokens_per_second"] = real * trainer.state.epoch / results["train_runtime"]
+    # pad_stats sees this rank's shard of one epoch; scale to all ranks and epochs run.
+    real_tokens = real * training_args.world_size * trainer.state.epoch
+    results["train_real_tokens_per_second"] = real_tokens / results["train_runtime"]
     results["train_pad_share"] = 1 - real / total
     results.update(trainer.evaluate(metric_key_prefix="eval"))
     # group_by_length also reorders evaluation batches; predict the test set in row order so that
@@ -274,21 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "duplicates removed": stats.duplicates_removed,
                 "classes": ", ".join(names),
             },
-            hyperparameters={
-                k: config[k]
-                for k in (
-                    "learning_rate",
-                    "num_train_epochs",
-                    "per_device_train_batch_size",
-                    "max_length",
-                    "long_text",
-                    "lr_scheduler_type",
-                    "warmup_steps",
-                    "weight_decay",
-                    "use_lora",
-                    "seed",
-                )
-            },
+            config=config,
             results=results,
             report_text=report_text,
             usage=f"ftkit predict {run_dir} --input texts.txt\n# or: transformers.pipeline('text-classification', model='{run_dir}')",
