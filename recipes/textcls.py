@@ -117,7 +117,7 @@ class DataArguments:
 
 # The recipe's own TrainingArguments defaults; a --config YAML and the command line override them.
 TRAINING_DEFAULTS = {
-    "num_train_epochs": 3,
+    "num_train_epochs": 2,
     "learning_rate": 1e-4,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
