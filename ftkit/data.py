@@ -159,7 +159,9 @@ def _records(path: Path, encoding: str, errors: str) -> list[tuple[str, dict]]:
     """Read a CSV/TSV/JSON/JSONL/Parquet file into (origin, record) pairs."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .parquet")
+        raise DataError(
+            f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .parquet"
+        )
     if suffix == ".parquet":
         try:
             ds = datasets.Dataset.from_parquet(str(path))
