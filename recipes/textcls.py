@@ -226,8 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(trainer.evaluate(metric_key_prefix="eval"))
     # group_by_length also reorders evaluation batches; predict the test set in row order so that
     # each prediction lines up with its input row in test_predictions.jsonl.
-    trainer.args.train_sampling_strategy = "random"
+    sampling, trainer.args.train_sampling_strategy = trainer.args.train_sampling_strategy, "random"
     test = trainer.predict(ds["test"], metric_key_prefix="test")
+    trainer.args.train_sampling_strategy = sampling  # config.yaml records what training used
     results.update(test.metrics)
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
     results.update(stats.as_results())
