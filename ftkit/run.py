@@ -19,6 +19,11 @@ import yaml
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "ftkit_run.json"
+# The options a model card lists (those a run has); config.yaml in the run directory holds all.
+CARD_HYPERPARAMETERS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length", "long_text",
+    "lr_scheduler_type", "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
+)  # fmt: skip
 
 
 def make_run_dir(task: str, output_dir: str | None) -> Path:
@@ -173,12 +178,13 @@ def write_model_card(
     title: str,
     base_model: str,
     data: dict[str, Any],
-    hyperparameters: dict[str, Any],
+    config: dict[str, Any],
     results: dict[str, Any],
     report_text: str | None = None,
     usage: str | None = None,
 ) -> None:
     """README.md for the run directory: what was trained on what, how, and how well."""
+    hyperparameters = {k: config[k] for k in CARD_HYPERPARAMETERS if k in config}
 
     def table(d: dict[str, Any]) -> str:
         rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in d.items())

@@ -131,7 +131,7 @@ class DataArguments:
 
 # The recipe's own TrainingArguments defaults; a --config YAML and the command line override them.
 TRAINING_DEFAULTS = {
-    "num_train_epochs": 3,
+    "num_train_epochs": 2,
     "learning_rate": 1e-4,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
@@ -168,17 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Data: load, check labels, tokenize -------------------------------------------------
     splits, stats = load_text_splits(
-        **{
-            k: getattr(data_args, k)
-            for k in (
-                "dataset_name",
-                "dataset_config",
-                "train_file",
-                "validation_file",
-                "test_file",
-                "data_dir",
-            )
-        },
+        dataset_name=data_args.dataset_name,
+        dataset_config=data_args.dataset_config,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        test_file=data_args.test_file,
+        data_dir=data_args.data_dir,
         text_column=data_args.text_column,
         label_column=data_args.label_column,
         encoding=data_args.encoding,
@@ -245,13 +240,16 @@ def main(argv: list[str] | None = None) -> dict:
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     results = dict(train_result.metrics)
     real, total = pad_stats(trainer.get_train_dataloader())
-    results["train_real_tokens_per_second"] = real * trainer.state.epoch / results["train_runtime"]
+    # pad_stats sees this rank's shard of one epoch; scale to all ranks and epochs run.
+    real_tokens = real * training_args.world_size * trainer.state.epoch
+    results["train_real_tokens_per_second"] = real_tokens / results["train_runtime"]
     results["train_pad_share"] = 1 - real / total
     results.update(trainer.evaluate(metric_key_prefix="eval"))
     # group_by_length also reorders evaluation batches; predict the test set in row order so that
     # each prediction lines up with its input row in test_predictions.jsonl.
-    trainer.args.train_sampling_strategy = "random"
+    sampling, trainer.args.train_sampling_strategy = trainer.args.train_sampling_strategy, "random"
     test = trainer.predict(ds["test"], metric_key_prefix="test")
+    trainer.args.train_sampling_strategy = sampling  # config.yaml records what training used
     results.update(test.metrics)
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
     results.update(stats.as_results())
@@ -297,21 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "duplicates removed": stats.duplicates_removed,
                 "classes": ", ".join(names),
             },
-            hyperparameters={
-                k: config[k]
-                for k in (
-                    "learning_rate",
-                    "num_train_epochs",
-                    "per_device_train_batch_size",
-                    "max_length",
-                    "long_text",
-                    "lr_scheduler_type",
-                    "warmup_steps",
-                    "weight_decay",
-                    "use_lora",
-                    "seed",
-                )
-            },
+            config=config,
             results=results,
             report_text=report_text,
             usage=f"ftkit predict {run_dir} --input texts.txt\n# or: transformers.pipeline('text-classification', model='{run_dir}')",

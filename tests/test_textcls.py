@@ -128,6 +128,14 @@ def test_lora_trains_adapter_and_head_only_and_reloads_identically(tiny_model, f
     assert torch.equal(
         base["embeddings.word_embeddings.weight"], merged["bert.embeddings.word_embeddings.weight"]
     )
+    layer_norm = "encoder.layer.1.output.LayerNorm.weight"
+    assert torch.equal(base[layer_norm], merged["bert." + layer_norm])
+    # Base weights stayed frozen: merged - base is exactly the low-rank update B @ A * alpha / r.
+    prefix = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    a_key = next(k for k in adapter if k.startswith(prefix) and "lora_A" in k)
+    delta = adapter[a_key.replace("lora_A", "lora_B")] @ adapter[a_key] * (32 / 4)
+    query = "encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(merged["bert." + query] - base[query], delta, atol=1e-6, rtol=1e-4)
 
     # Unmerged load path (base + adapter) against the merged plain model on the same inputs.
     (out / "model.safetensors").rename(out / "merged.safetensors.bak")
