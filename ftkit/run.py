@@ -26,10 +26,17 @@ CARD_HYPERPARAMETERS = (
 )  # fmt: skip
 
 
-def make_run_dir(task: str, output_dir: str | None) -> Path:
-    """`output_dir` if given, else `runs/<task>/<timestamp>`; every rank of a distributed run gets the same name."""
+def make_run_dir(task: str, output_dir: str | None, resume: bool = False) -> Path:
+    """`output_dir` if given, else `runs/<task>/<timestamp>`; every rank of a distributed run gets the same name.
+
+    With `resume` and no `output_dir`, the newest existing `runs/<task>/*` is continued.
+    """
     if output_dir:
         return Path(output_dir)
+    previous = sorted(p for p in (Path("runs") / task).glob("*") if p.is_dir())
+    if resume and previous:
+        logger.info("resuming the newest run of %s: %s", task, previous[-1])
+        return previous[-1]
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -225,3 +232,17 @@ def pad_stats(dataloader) -> tuple[int, int]:
         real += int(mask.sum())
         total += mask.numel()
     return real, total
+
+
+def train_token_stats(trainer, train_runtime: float, resumed_from: str | None = None) -> dict[str, float]:
+    """Real (non-pad) training tokens per second over all ranks, and the pad share of the batches.
+
+    Counts one epoch of this rank's training batches (collation only) and scales it to every rank
+    and to the epochs this run trained (after a resume, only those since the checkpoint).
+    """
+    real, total = pad_stats(trainer.get_train_dataloader())
+    start = 0.0
+    if resumed_from:
+        start = json.loads((Path(resumed_from) / "trainer_state.json").read_text(encoding="utf-8"))["epoch"]
+    tokens = real * trainer.args.world_size * (trainer.state.epoch - start)
+    return {"train_real_tokens_per_second": tokens / train_runtime, "train_pad_share": 1 - real / total}

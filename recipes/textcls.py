@@ -34,7 +34,7 @@ from ftkit.models import (
     save_model,
 )
 from ftkit.predict import prediction_rows, write_rows
-from ftkit.reliability import (  # reliability
+from ftkit.reliability import (
     CrashSafeCheckpoints,
     NonFiniteError,
     NonFiniteGuard,
@@ -44,10 +44,10 @@ from ftkit.reliability import (  # reliability
 from ftkit.run import (
     RUN_FILE,
     make_run_dir,
-    pad_stats,
     plot_confusion,
     plot_curves,
     setup_logging,
+    train_token_stats,
     write_config,
     write_json,
     write_manifest,
@@ -120,7 +120,7 @@ class DataArguments:
     early_stopping_patience: int = field(
         default=2, metadata={"help": "Evaluations without macro-F1 improvement before stopping."}
     )
-    resume: str | None = field(  # reliability
+    resume: str | None = field(
         default=None,
         metadata={
             "help": "auto: continue from the last complete checkpoint in <output_dir>/checkpoints (partial "
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__,
     )
     setup_logging(training_args.should_log)
-    run_dir = make_run_dir("textcls", training_args.output_dir)
+    run_dir = make_run_dir("textcls", training_args.output_dir, resume=bool(data_args.resume))
     training_args.output_dir = str(run_dir / "checkpoints")
     model_path = resolve_model_path(model_args.model_name_or_path)
 
@@ -210,10 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
     model = add_lora(model, lora_config(model_args, TASK))
 
+    # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
+    callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
+    if training_args.load_best_model_at_end:  # early stopping needs per-epoch eval and best-model tracking
+        callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience))
+
     def compute_metrics(pred):
         logits, labels = pred
         scores = classification_scores(labels, logits.argmax(-1), len(names))
-        # reliability: reported as eval_loss; Trainer's own counts the padding repeats of 2+ ranks.
+        # Reported as eval_loss: Trainer's own counts the rows a multi-process run repeats as padding.
         return {**scores, "loss": exact_eval_loss(logits, labels)}
 
     trainer = Trainer(
@@ -225,25 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
         # Pads each batch to its own longest input; with length-grouped batches little is padding.
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
-        # reliability: checkpoints count only once complete; NaN/Inf stops the run (NonFiniteError).
-        # Early stopping needs the per-epoch evaluation and best-model tracking it relies on.
-        callbacks=[CrashSafeCheckpoints(), NonFiniteGuard()]
-        + (
-            [EarlyStoppingCallback(data_args.early_stopping_patience)]
-            if training_args.load_best_model_at_end
-            else []
-        ),
+        callbacks=callbacks,
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
-    checkpoint = resume_checkpoint(data_args.resume, training_args.output_dir)  # reliability
+    checkpoint = resume_checkpoint(data_args.resume, training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     results = dict(train_result.metrics)
-    real, total = pad_stats(trainer.get_train_dataloader())
-    # pad_stats sees this rank's shard of one epoch; scale to all ranks and epochs run.
-    real_tokens = real * training_args.world_size * trainer.state.epoch
-    results["train_real_tokens_per_second"] = real_tokens / results["train_runtime"]
-    results["train_pad_share"] = 1 - real / total
+    results.update(train_token_stats(trainer, results["train_runtime"], resumed_from=checkpoint))
     results.update(trainer.evaluate(metric_key_prefix="eval"))
     # group_by_length also reorders evaluation batches; predict the test set in row order so that
     # each prediction lines up with its input row in test_predictions.jsonl.
@@ -312,5 +306,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, NonFiniteError) as err:  # reliability: NonFiniteError
+    except (DataError, NonFiniteError) as err:
         raise SystemExit(f"error: {err}") from None
