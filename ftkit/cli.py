@@ -1,0 +1,103 @@
+"""`ftkit` command line: a thin layer over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+from ftkit import DataError
+
+logger = logging.getLogger("ftkit")
+
+
+def recipes_dir() -> Path:
+    """The recipes folder: the clone's `recipes/`, or the copy bundled in an installed wheel."""
+    clone = Path(__file__).resolve().parent.parent / "recipes"
+    if clone.is_dir():
+        return clone
+    return Path(str(resources.files("ftkit.bundled_recipes")))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs, write_rows
+
+    texts, origins = read_inputs(args.input, args.text_column)
+    model, tokenizer, info = load_run(args.run_dir)
+    if info["task"] == "token-classification":
+        from ftkit.ner import predict_entities  # the NER recipe's prediction path
+
+        rows = predict_entities(model, tokenizer, texts, origins, info, batch_size=args.batch_size)
+    else:
+        scores = predict_texts(model, tokenizer, texts, info, batch_size=args.batch_size)
+        rows = prediction_rows(origins, texts, scores, info)
+    out = Path(args.output or Path(args.run_dir) / f"predictions-{Path(args.input).stem}.jsonl")
+    write_rows(rows, out)
+    print(f"{len(rows)} predictions written to {out}")
+
+
+def cmd_cp(args: argparse.Namespace) -> None:
+    src_dir = recipes_dir()
+    src = src_dir / f"{args.recipe}.py"
+    if not src.is_file():
+        names = sorted(p.stem for p in src_dir.glob("*.py") if not p.name.startswith("_"))
+        raise DataError(f"no recipe {args.recipe!r}; available: {', '.join(names)}")
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not args.force:
+        raise DataError(f"{dest} exists; pass --force to overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    copied = [dest]
+    for config in sorted((src_dir / "configs").glob(f"{args.recipe}*.yaml")):
+        target = dest.with_name(dest.stem + config.stem[len(args.recipe) :] + ".yaml")
+        shutil.copyfile(config, target)
+        copied.append(target)
+    print("copied: " + ", ".join(map(str, copied)))
+    print(f"run it: python {dest} --config {copied[1] if len(copied) > 1 else '...'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftkit",
+        description="Fine-tuning recipes for encoder models: predict with, copy and compress runs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="predict labels (or entities) for new texts with a run directory")
+    p.add_argument("run_dir", help="a run directory written by a recipe (full, LoRA or compressed)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help=".txt (one text per line), or .csv/.tsv/.jsonl/.json/.parquet with a text column",
+    )
+    p.add_argument("--output", help="output .jsonl or .csv (default: RUN_DIR/predictions-<input>.jsonl)")
+    p.add_argument("--text_column", help="text column of a table input (default: detected)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("cp", help="copy a recipe (and its configs) out of the repository to adapt it")
+    p.add_argument("recipe", help="recipe name, e.g. textcls")
+    p.add_argument("dest", help="target file (my_task.py) or folder")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=cmd_cp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        args.func(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

