@@ -200,12 +200,22 @@ def encode_sentences(
     return encode_pieces(pieces, groups, special_tokens_template(tokenizer), max_length, stride, labels)
 
 
-def merge_windows(features: Features, row_values: Sequence[Sequence]) -> list[list]:
+def merge_windows(
+    features: Features, row_values: Sequence[Sequence], row_labels: Sequence | None = None
+) -> list[list]:
     """Map per-sub-token values of each row (tag ids, logit vectors) back to words: one value per word.
 
     Returns one list per sentence, in input order. Raises RuntimeError if any word got no value or
-    more than one, which would be a bug in windowing, not a data problem.
+    more than one, which would be a bug in windowing, not a data problem. Pass the `row_labels` that
+    came back with the values (e.g. Trainer's label_ids) to check that rows kept their order.
     """
+    if row_labels is not None:
+        for i, expected in enumerate(features.rows["labels"]):
+            if list(row_labels[i][: len(expected)]) != expected:
+                raise RuntimeError(
+                    f"row {i} came back with other labels than encoded: rows were reordered "
+                    "(Trainer's group_by_length reorders evaluation too; use random sampling)"
+                )
     seq_lengths = [sum(features.sentence_lengths[i] for i in g) for g in features.groups]
     values: list[list] = [[None] * n for n in seq_lengths]
     counts = [np.zeros(n, dtype=int) for n in seq_lengths]
@@ -228,11 +238,38 @@ def merge_windows(features: Features, row_values: Sequence[Sequence]) -> list[li
     return out
 
 
+def decode_tags(word_logits: np.ndarray, names: Sequence[str], method: str = "viterbi") -> list[str]:
+    """Tags of one sentence from its word logits (words x labels).
+
+    `argmax` takes each word's best tag; `viterbi` takes the best sequence with no invalid IOB2
+    transition (no I-X after O or after another type), so strict scoring drops no predicted chunk.
+    """
+    if method == "argmax" or len(word_logits) == 0:
+        return [names[i] for i in np.asarray(word_logits).argmax(-1)]
+    if method != "viterbi":
+        raise ValueError(f"decode must be viterbi or argmax, got {method!r}")
+    z = np.asarray(word_logits, dtype=np.float64)
+    log_probs = z - z.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    barred = np.array([[invalid_transition(p, c) is not None for c in names] for p in [*names, "O"]])
+    penalty = np.where(barred, -np.inf, 0.0)  # row len(names): the sentence start, like after O
+    score = log_probs[0] + penalty[-1]
+    back = []
+    for row in log_probs[1:]:
+        cand = score[:, None] + penalty[:-1]
+        back.append(cand.argmax(0))
+        score = cand.max(0) + row
+    best = [int(score.argmax())]
+    for pointers in reversed(back):
+        best.append(int(pointers[best[-1]]))
+    return [names[i] for i in reversed(best)]
+
+
 def count_invalid(tag_sequences: Sequence[Sequence[str]]) -> int:
     """Number of sequences with an invalid IOB2 transition (I-X after O, at the start, or after another type)."""
     n = 0
     for tags in tag_sequences:
-        prevs = ["O", *tags[:-1]]
+        prevs = ["O", *tags][: len(tags)]
         n += any(invalid_transition(p, t) for p, t in zip(prevs, tags, strict=True))
     return n
 
@@ -353,12 +390,18 @@ def predict_word_logits(
 
 
 def find_entities(
-    model, tokenizer, texts: Sequence[str], max_length: int, stride: int, batch_size: int = 32
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int,
+    stride: int,
+    batch_size: int = 32,
+    decode: str = "viterbi",
 ) -> list[list[dict]]:
     """Entities in raw texts: per text a list of {"type", "text", "start", "end", "score"}.
 
     `start`/`end` are character offsets into the text (text[start:end] == entity text); `score` is
-    the mean probability of the predicted tags over the entity's words.
+    the mean probability of the predicted tags over the entity's words; `decode` as in `decode_tags`.
     """
     words = [split_words(t) for t in texts]
     logits = predict_word_logits(
@@ -369,9 +412,10 @@ def find_entities(
     for text, ws, lg in zip(texts, words, logits, strict=True):
         probs = np.exp(lg - lg.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        ids = probs.argmax(-1)
+        tags = decode_tags(lg, [id2label[i] for i in range(len(id2label))], decode)
+        ids = np.array([model.config.label2id[t] for t in tags], dtype=int)
         entities = []
-        for typ, a, b in entity_spans([id2label[int(i)] for i in ids]):
+        for typ, a, b in entity_spans(tags):
             start, end = ws[a][1], ws[b - 1][2]
             score = round(float(probs[np.arange(a, b), ids[a:b]].mean()), 4)
             entities.append(
@@ -385,6 +429,8 @@ def predict_entities(
     model, tokenizer, texts: Sequence[str], origins: Sequence[str], info: dict, batch_size: int = 32
 ) -> list[dict]:
     """`ftkit predict` rows for a token-classification run: {"origin", "text", "entities"} per text,
-    windowed with the run's `max_length` and `stride` (see `find_entities`)."""
-    found = find_entities(model, tokenizer, texts, info["max_length"], info.get("stride", 32), batch_size)
+    windowed and decoded as in the run (`max_length`, `stride`, `decode`; see `find_entities`)."""
+    found = find_entities(
+        model, tokenizer, texts, info["max_length"], info["stride"], batch_size, info.get("decode", "viterbi")
+    )
     return [{"origin": o, "text": t, "entities": e} for o, t, e in zip(origins, texts, found, strict=True)]

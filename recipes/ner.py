@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 
 import datasets
+import numpy as np
 import torch
 from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
 
@@ -40,7 +41,15 @@ from ftkit.models import (
     resolve_model_path,
     save_model,
 )
-from ftkit.ner import CONTEXTS, encode_sentences, entity_metrics, entity_report, label_list, merge_windows
+from ftkit.ner import (
+    CONTEXTS,
+    decode_tags,
+    encode_sentences,
+    entity_metrics,
+    entity_report,
+    label_list,
+    merge_windows,
+)
 from ftkit.predict import write_rows
 from ftkit.run import (
     RUN_FILE,
@@ -90,6 +99,13 @@ class DataArguments:
     max_length: int = field(default=128, metadata={"help": "Sub-tokens per window, special tokens included."})
     stride: int = field(
         default=32, metadata={"help": "Sub-tokens shared by consecutive windows of a long sequence."}
+    )
+    decode: str = field(
+        default="viterbi",
+        metadata={
+            "help": "viterbi: best tag sequence without invalid IOB2 transitions; argmax: best tag per word.",
+            "choices": ["viterbi", "argmax"],
+        },
     )
     context: str = field(
         default="document",
@@ -171,13 +187,24 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
     model = add_lora(model, lora_config(model_args, TASK))
 
-    def word_tags(split, token_preds) -> list[list[str]]:
-        """One predicted tag per word of every sentence of `split`, windows merged back."""
-        return [[names[i] for i in tags] for tags in merge_windows(features[split], token_preds)]
+    def word_tags(split, pred, method) -> list[list[str]]:
+        """One tag per word of every sentence of `split`: windows merged back, then decoded."""
+        word_logits = merge_windows(features[split], pred.predictions, pred.label_ids)
+        return [
+            decode_tags(np.stack(x) if x else np.zeros((0, len(names))), names, method) for x in word_logits
+        ]
 
     def metrics_for(split):
         def compute_metrics(pred):
-            return entity_metrics([s.tags for s in splits[split]], word_tags(split, pred.predictions))
+            gold = [s.tags for s in splits[split]]
+            metrics = entity_metrics(gold, word_tags(split, pred, data_args.decode))
+            if data_args.decode != "argmax":  # what the constrained decoding repairs
+                argmax = entity_metrics(gold, word_tags(split, pred, "argmax"))
+                metrics |= {
+                    "argmax_f1": argmax["f1"],
+                    "argmax_invalid_sequences": argmax["invalid_sequences"],
+                }
+            return metrics
 
         return compute_metrics
 
@@ -189,8 +216,6 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=DataCollatorForTokenClassification(tokenizer),
         compute_metrics=metrics_for("validation"),
-        # Keep only the argmax: the full logits of every sub-token would be gathered otherwise.
-        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
@@ -217,13 +242,14 @@ def main(argv: list[str] | None = None) -> dict:
             "long_text": "chunks",  # long inputs become overlapping windows, merged back per word
             "stride": data_args.stride,
             "context": data_args.context,
+            "decode": data_args.decode,
             "labels": names,
         }
         write_json(run_dir / RUN_FILE, run_info)
         save_model(trainer.model, tokenizer, run_dir, model_args.merge_lora)
         write_json(run_dir / "all_results.json", results)
         gold = [s.tags for s in splits["test"]]
-        pred = word_tags("test", test.predictions)
+        pred = word_tags("test", test, data_args.decode)
         report_text = entity_report(gold, pred)
         (run_dir / "test_report.txt").write_text(report_text, encoding="utf-8")
         write_rows(
@@ -257,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "max_length",
                     "stride",
                     "context",
+                    "decode",
                     "lr_scheduler_type",
                     "warmup_steps",
                     "weight_decay",

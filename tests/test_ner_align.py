@@ -6,6 +6,8 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from ftkit.conll import Sentence, read_conll
 from ftkit.ner import (
+    count_invalid,
+    decode_tags,
     encode_pieces,
     encode_sentences,
     entity_metrics,
@@ -210,3 +212,40 @@ def test_word_pieces_match_the_tokenizer(tok):
         " ".join(words), add_special_tokens=False
     )["input_ids"]
     assert np.array_equal(special_tokens_template(tok)[0], [tok.cls_token_id])
+
+
+def test_merge_detects_reordered_rows(tok, fixtures):
+    sentences = read_conll(fixtures / "ner" / "valid.conll")
+    label2id = {x: i for i, x in enumerate(label_list(sentences))}
+    features = encode_sentences(tok, sentences, 32, 8, label2id=label2id)
+    labels = features.rows["labels"]
+    assert len(merge_windows(features, labels, labels)) == len(sentences)
+    with pytest.raises(RuntimeError, match="reordered"):
+        merge_windows(features, labels, labels[1:] + labels[:1])
+
+
+NAMES = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.floats(-5, 5), min_size=5, max_size=5), max_size=12))
+def test_property_viterbi_is_valid_and_agrees_with_a_valid_argmax(rows):
+    logits = np.array(rows).reshape(-1, 5)
+    best = decode_tags(logits, NAMES)
+    argmax = decode_tags(logits, NAMES, "argmax")
+    assert len(best) == len(rows) and count_invalid([best]) == 0
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True)) if len(rows) else logits
+
+    def score(tags):
+        return sum(log_probs[i, NAMES.index(t)] for i, t in enumerate(tags))
+
+    # Viterbi finds the best valid path: as good as the argmax when that is valid (ties aside), and at
+    # least as good as the argmax repaired by hand (an I- that cannot continue becomes B-).
+    repaired = [
+        "B" + t[1:] if t.startswith("I") and count_invalid([argmax[: i + 1]]) else t
+        for i, t in enumerate(argmax)
+    ]
+    assert count_invalid([repaired]) == 0
+    assert score(best) >= score(repaired) - 1e-9
+    if count_invalid([argmax]) == 0:
+        assert score(best) == pytest.approx(score(argmax))

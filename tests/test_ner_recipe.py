@@ -21,7 +21,7 @@ from ftkit import DataError  # noqa: E402
 from ftkit.config import parse_args  # noqa: E402
 from ftkit.conll import read_conll  # noqa: E402
 from ftkit.models import ModelArguments  # noqa: E402
-from ftkit.ner import encode_sentences, entity_metrics, predict_entities, predict_word_logits  # noqa: E402
+from ftkit.ner import decode_tags, encode_sentences, entity_metrics, predict_entities, predict_word_logits  # noqa: E402
 from ftkit.predict import load_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,16 @@ def test_run_directory_and_word_level_results(full_run):
     assert saved["eval_words"] == n_words("valid") and saved["test_words"] == n_words("test")
     assert saved["train_windowed_sentences"] == 1 and saved["test_windowed_sentences"] == 1
     assert saved["train_real_tokens_per_second"] > 0 and 0 <= saved["train_pad_share"] < 1
-    for key in ("eval_f1", "test_f1", "test_precision", "test_recall", "test_PER_f1", "test_accuracy"):
+    assert saved["test_invalid_sequences"] == 0  # Viterbi decoding allows no I- after O
+    for key in (
+        "eval_f1",
+        "test_f1",
+        "test_argmax_f1",
+        "test_precision",
+        "test_recall",
+        "test_PER_f1",
+        "test_accuracy",
+    ):
         assert 0 <= saved[key] <= 1, key
     # The fixture's recurring names are learnable: a model that learned nothing scores 0.
     assert saved["test_f1"] > 0.5, saved["test_f1"]
@@ -118,7 +127,7 @@ def test_predict_entities_on_raw_text(full_run):
     # The tags behind predict equal the recipe's own test predictions (same windows, same model).
     first = json.loads((out / "test_predictions.jsonl").read_text().splitlines()[0])
     logits = predict_word_logits(model, tok, [first["tokens"]], info["max_length"], info["stride"])
-    assert [info["labels"][i] for i in logits[0].argmax(-1)] == first["pred"]
+    assert decode_tags(logits[0], info["labels"], info["decode"]) == first["pred"]
 
 
 def test_lora_sentence_context_reloads_identically(tiny_model, tmp_path):
@@ -158,7 +167,7 @@ def test_lora_sentence_context_reloads_identically(tiny_model, tmp_path):
     again = predict_word_logits(
         adapter_model, tok, [r["tokens"] for r in rows], info["max_length"], info["stride"]
     )
-    assert [[info["labels"][i] for i in x.argmax(-1)] for x in again] == [r["pred"] for r in rows]
+    assert [decode_tags(x, info["labels"], info["decode"]) for x in again] == [r["pred"] for r in rows]
 
 
 def test_bad_training_file_names_file_and_line(tiny_model, tmp_path):
