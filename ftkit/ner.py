@@ -58,7 +58,7 @@ class Features:
 
 
 def label_list(sentences: Sequence[Sentence]) -> list[str]:
-    """ "O" followed by B- and I- tags of every entity type seen, sorted by type."""
+    """Label names: O, then B- and I- of every entity type seen, types sorted."""
     types = sorted({split_tag(t)[1] for s in sentences for t in s.tags} - {""})
     return ["O"] + [f"{p}-{t}" for t in types for p in "BI"]
 

@@ -7,6 +7,8 @@ from ftkit import DataError
 from ftkit.conll import (
     Sentence,
     detect_scheme,
+    hold_out,
+    load_tagged_splits,
     read_conll,
     read_json_tags,
     read_tagged_file,
@@ -161,3 +163,52 @@ def test_write_then_read_round_trips(tmp_path, fixtures):
     assert [s.tags for s in read_conll(path, tag_column=1)] == [s.tags for s in sentences]
     with pytest.raises(ValueError, match="whitespace"):
         write_conll(path, [Sentence(["New York"], ["B-LOC"])])
+
+
+def test_hub_dataset_with_class_ids_and_docstart_rows(monkeypatch):
+    import datasets
+
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(
+                datasets.ClassLabel(names=["O", "B-PER", "I-PER", "B-LOC", "I-LOC"])
+            ),
+        }
+    )
+    rows = {
+        "tokens": [["-DOCSTART-"], ["Anna", "Berg", "left"], ["-DOCSTART-"], ["Paris"], []],
+        "ner_tags": [[0], [1, 2, 0], [0], [3], []],
+    }
+    fake = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(rows, features=features)
+            for name in ("train", "validation", "test")
+        }
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: fake)
+    splits, source = load_tagged_splits(dataset_name="someone/ner-data")
+    assert source == "someone/ner-data"
+    assert [(s.tokens, s.tags, s.doc_id) for s in splits["test"]] == [
+        (["Anna", "Berg", "left"], ["B-PER", "I-PER", "O"], 0),
+        (["Paris"], ["B-LOC"], 1),
+    ]
+    assert splits["validation"][1].origin == "someone/ner-data[validation]:3"
+
+
+def test_missing_splits_are_held_out_by_whole_documents(fixtures):
+    splits, _ = load_tagged_splits(train_file=str(fixtures / "ner" / "train.conll"), holdout_fraction=0.25)
+    docs = {split: {s.doc_id for s in sentences} for split, sentences in splits.items()}
+    assert len(docs["test"]) == 1 and len(docs["validation"]) == 1 and len(docs["train"]) == 2
+    assert not docs["train"] & (docs["test"] | docs["validation"]) and docs["test"] != docs["validation"]
+    assert sum(map(len, splits.values())) == 39
+    # One document only: single sentences are held out instead.
+    keep, held = hold_out([Sentence(["a"], ["O"], 0, [i]) for i in range(20)], 0.1, seed=1)
+    assert len(held) == 2 and len(keep) == 18
+    assert [s.lines for s in keep] == sorted(s.lines for s in keep)
+
+
+def test_builtin_conll2003_is_complete():
+    splits, source = load_tagged_splits()
+    assert {k: len(v) for k, v in splits.items()} == {"train": 14041, "validation": 3250, "test": 3453}
+    assert "CoNLL-2003" in source and splits["train"][0].tags[:3] == ["B-ORG", "O", "B-MISC"]

@@ -192,6 +192,21 @@ def test_shipped_configs_parse(name):
         assert model.use_lora
 
 
+def test_ftkit_predict_cli_writes_entities(full_run, tmp_path):
+    from ftkit.cli import main as cli
+
+    out, _ = full_run
+    texts = tmp_path / "texts.txt"
+    texts.write_text(
+        "Anna Berg works for Acme Corp in Berlin.\n\nReuters said Tokyo beat Paris 2-1.\n", encoding="utf-8"
+    )
+    assert cli(["predict", str(out), "--input", str(texts), "--output", str(tmp_path / "pred.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [r["origin"] for r in rows] == [f"{texts}:1", f"{texts}:3"]
+    assert any(r["entities"] for r in rows)
+    assert all(r["text"][e["start"] : e["end"]] == e["text"] for r in rows for e in r["entities"])
+
+
 def test_two_processes_each_see_their_share_and_eval_sees_every_word_once(tiny_model, tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI not installed"
