@@ -21,7 +21,7 @@ def class_weights(spec: str, labels: Sequence[int], names: list[str]) -> list[fl
     """
     if spec == "auto":
         counts = np.bincount(np.asarray(labels), minlength=len(names))
-        return [len(labels) / (len(names) * c) if c else 1.0 for c in counts]
+        return [float(len(labels) / (len(names) * c)) if c else 1.0 for c in counts]
     try:
         weights = [float(x) for x in spec.split(",")]
     except ValueError:
