@@ -44,7 +44,9 @@ def run(dataset: str, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--datasets", nargs="+", default=["rotten-tomatoes", "bbc-news"])
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out_dir", default=str(Path(__file__).parent / "results"))

@@ -369,12 +369,13 @@ def main(argv: list[str] | None = None) -> dict:
     results["train_pad_share"] = 1 - real / total
     # group_by_length also reorders evaluation batches; predict in row order so that chunk rows pool
     # back onto their input and each prediction lines up with its input row in test_predictions.jsonl.
-    trainer.args.train_sampling_strategy = "random"
+    sampling, trainer.args.train_sampling_strategy = trainer.args.train_sampling_strategy, "random"
     raw, final = {}, {}
     for split, prefix in (("validation", "eval"), ("test", "test")):
         out = trainer.predict(ds[split], metric_key_prefix=prefix)
         results.update(out.metrics)  # loss and speed per row; the scores below replace the per-row ones
         raw[prefix] = (out.predictions, np.asarray(ds[split]["text_index"]), np.asarray(target[split]))
+    trainer.args.train_sampling_strategy = sampling  # config.yaml records what training used
     temperature = 1.0
     if data_args.calibrate and not regression:
         logits, owner, labels = raw["eval"]

@@ -81,6 +81,7 @@ def test_polarity_run_writes_calibrated_probabilities_and_every_metric(polarity_
             assert 0 <= saved[f"{prefix}_{key}"] <= (1 if key != "nll" else 50), (prefix, key)
     info = json.loads((out / "ftkit_run.json").read_text())
     assert info["task"] == "text-classification" and info["labels"] == ["negative", "positive"]
+    assert "train_sampling_strategy: group_by_length" in (out / "config.yaml").read_text()
     assert info["temperature"] == pytest.approx(saved["calibration_temperature"]) and info["temperature"] != 1
     # The recipe's test metrics are the ones its predictions file gives...
     rows, scores = recipe_predictions(out)
