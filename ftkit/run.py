@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "ftkit_run.json"
 # The options a model card lists (those a run has); config.yaml in the run directory holds all.
 CARD_HYPERPARAMETERS = (
-    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length", "long_text",
-    "lr_scheduler_type", "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
+    "task", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length",
+    "long_text", "stride", "context", "decode", "class_weights", "calibrate", "lr_scheduler_type",
+    "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
 )  # fmt: skip
 
 

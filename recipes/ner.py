@@ -280,23 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
             title=f"Named-entity recognition: {source}",
             base_model=model_path,
             data={"source": source, **rows, "labels": ", ".join(names), "windowed sentences": windowed},
-            hyperparameters={
-                k: config[k]
-                for k in (
-                    "learning_rate",
-                    "num_train_epochs",
-                    "per_device_train_batch_size",
-                    "max_length",
-                    "stride",
-                    "context",
-                    "decode",
-                    "lr_scheduler_type",
-                    "warmup_steps",
-                    "weight_decay",
-                    "use_lora",
-                    "seed",
-                )
-            },
+            config=config,
             results=results,
             report_text=report_text,
             usage=f"ftkit predict {run_dir} --input texts.txt",

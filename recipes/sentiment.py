@@ -451,23 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "duplicates removed": stats.duplicates_removed,
                 "classes": ", ".join(names) or "ratings (regression)",
             },
-            hyperparameters={
-                k: config[k]
-                for k in (
-                    "learning_rate",
-                    "num_train_epochs",
-                    "per_device_train_batch_size",
-                    "max_length",
-                    "long_text",
-                    "lr_scheduler_type",
-                    "warmup_steps",
-                    "weight_decay",
-                    "use_lora",
-                    "class_weights",
-                    "calibrate",
-                    "seed",
-                )
-            },
+            config=config,
             results=results,
             report_text=report_text,
             usage=usage,
