@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ def make_run_dir(task: str, output_dir: str | None, resume: bool = False) -> Pat
 def setup_logging(is_main: bool) -> None:
     """Info on the main process, warnings only on the others."""
     level = logging.INFO if is_main else logging.WARNING
+    # Trainer asks for pinned memory by default; on a CPU-only machine torch warns on every dataloader.
+    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator.*")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     import datasets
     import transformers
