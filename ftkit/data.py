@@ -157,15 +157,23 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
 
 def _records(path: Path, encoding: str, errors: str) -> list[tuple[str, dict]]:
     """Read a CSV/TSV/JSON/JSONL/Parquet file into (origin, record) pairs."""
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    suffix = suffix.lower()
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
+        raise DataError(
+            f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .parquet"
+        )
     if suffix == ".parquet":
-        ds = datasets.Dataset.from_parquet(str(path))
+        try:
+            ds = datasets.Dataset.from_parquet(str(path))
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: cannot read Parquet: {err}") from None
+        if len(ds) == 0:
+            raise DataError(f"{path}: no data rows")
         return [(f"{path}:row {i + 1}", rec) for i, rec in enumerate(ds)]
     text = decode(path.read_bytes(), path, encoding, errors)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
-    if suffix in (".csv", ".tsv", ".txt"):
+    if suffix in (".csv", ".tsv"):
         delimiter = "\t" if suffix == ".tsv" else ","
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         out = []
@@ -205,7 +213,6 @@ def _records(path: Path, encoding: str, errors: str) -> list[tuple[str, dict]]:
         if not data:
             raise DataError(f"{path}: no records")
         return [(f"{path}:record {i + 1}", rec) for i, rec in enumerate(data)]
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .parquet")
 
 
 def read_table(

@@ -38,3 +38,97 @@ def per_class_report(labels: np.ndarray, preds: np.ndarray, names: list[str]) ->
 def confusion(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.ndarray:
     """Confusion matrix, rows = true class, columns = predicted class."""
     return confusion_matrix(labels, preds, labels=list(range(num_labels)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Probabilities, calibration and ratings (sentiment recipe)
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Expected calibration error of the top-class probability (Guo et al. 2017), equal-width bins.
+
+    Each prediction falls in the bin `(k/n_bins, (k+1)/n_bins]` of its confidence; ECE is the
+    mean over bins of |accuracy - mean confidence|, weighted by the share of predictions in the bin.
+    0 means "70% sure" is right 70% of the time.
+    """
+    labels = np.asarray(labels)
+    conf = probs.max(axis=-1)
+    correct = probs.argmax(axis=-1) == labels
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.digitize(conf, edges[1:-1], right=True)
+    ece = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """ROC-AUC from class probabilities, one-vs-rest averaged over the classes present in `labels`.
+
+    With two classes this is the usual binary AUC. NaN when `labels` hold fewer than two classes
+    (AUC is undefined there).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    if len(present) < 2:
+        return float("nan")
+    return float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
+
+
+def probability_scores(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> dict[str, float]:
+    """What the probabilities are worth beyond the argmax: ROC-AUC, ECE (`n_bins` bins) and log loss (NLL)."""
+    labels = np.asarray(labels)
+    picked = probs[np.arange(len(labels)), labels]
+    return {
+        "roc_auc": roc_auc(labels, probs),
+        "ece": expected_calibration_error(labels, probs, n_bins),
+        "nll": float(-np.mean(np.log(np.clip(picked, 1e-12, None)))),
+    }
+
+
+def regression_scores(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE, Pearson and Spearman correlation of predicted against true ratings.
+
+    Correlations are NaN when either side is constant (they are undefined there).
+    """
+    from scipy.stats import pearsonr, spearmanr
+
+    labels, preds = np.asarray(labels, dtype=float), np.asarray(preds, dtype=float)
+    err = preds - labels
+    constant = np.ptp(labels) == 0 or np.ptp(preds) == 0
+    return {
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "pearson": float("nan") if constant else float(pearsonr(labels, preds).statistic),
+        "spearman": float("nan") if constant else float(spearmanr(labels, preds).statistic),
+    }
+
+
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, owner: np.ndarray | None = None, bounds=(0.05, 20.0)
+) -> float:
+    """The temperature T that minimises the log loss of `softmax(logits / T)` (temperature scaling,
+    Guo et al. 2017). Fit it on validation data; it never changes the argmax of a single row.
+
+    `owner` maps rows to inputs when one input has several rows (chunks of a long text): the
+    probabilities are then averaged per input, as at prediction time, before the loss is taken,
+    and `labels` hold one label per input.
+    """
+    from scipy.optimize import minimize_scalar
+
+    from ftkit.text import pool_chunks
+
+    labels = np.asarray(labels)
+
+    def nll(log_t: float) -> float:
+        probs = softmax(logits / np.exp(log_t))
+        if owner is not None:
+            probs = pool_chunks(probs, owner)
+        return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+    # One parameter, a smooth and (for single rows) convex loss: a bounded search on log T is enough.
+    best = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
+    return float(np.exp(best.x))

@@ -88,9 +88,13 @@ def load_model(
             num_labels=len(label2id), label2id=label2id, id2label={i: n for n, i in label2id.items()}
         )
     try:
-        return MODEL_CLASSES[task].from_pretrained(name_or_path, **kwargs)
+        model = MODEL_CLASSES[task].from_pretrained(name_or_path, **kwargs)
     except OSError as err:
         raise DataError(f"cannot load model weights (safetensors) from {name_or_path!r}: {err}") from None
+    # Encoder heads take **kwargs but compute a per-batch mean loss that ignores `num_items_in_batch`;
+    # Trainer would then skip dividing by gradient_accumulation_steps (loss and gradients N times too big).
+    model.accepts_loss_kwargs = False
+    return model
 
 
 def lora_config(args: ModelArguments, task: str) -> LoraConfig | None:

@@ -81,7 +81,8 @@ def predict_texts(
         for i, row in zip(idx, logits, strict=True):
             outputs[i] = row
     logits = np.stack(outputs)
-    scores = logits[:, 0] if info["task"] == "regression" else softmax(logits)
+    # `temperature` is set by runs calibrated on their validation set (sentiment --calibrate); 1 = as trained.
+    scores = logits[:, 0] if info["task"] == "regression" else softmax(logits / info.get("temperature", 1.0))
     # Pool chunk rows back to one row per input text.
     owner = np.asarray(enc["chunk_of"])
     if len(owner) == len(texts):

@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,25 @@ import yaml
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "ftkit_run.json"
+# The options a model card lists (those a run has); config.yaml in the run directory holds all.
+CARD_HYPERPARAMETERS = (
+    "task", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length",
+    "long_text", "stride", "context", "decode", "class_weights", "calibrate", "lr_scheduler_type",
+    "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
+)  # fmt: skip
 
 
-def make_run_dir(task: str, output_dir: str | None) -> Path:
-    """`output_dir` if given, else `runs/<task>/<timestamp>`; every rank of a distributed run gets the same name."""
+def make_run_dir(task: str, output_dir: str | None, resume: bool = False) -> Path:
+    """`output_dir` if given, else `runs/<task>/<timestamp>`; every rank of a distributed run gets the same name.
+
+    With `resume` and no `output_dir`, the newest existing `runs/<task>/*` is continued.
+    """
     if output_dir:
         return Path(output_dir)
+    previous = sorted(p for p in (Path("runs") / task).glob("*") if p.is_dir())
+    if resume and previous:
+        logger.info("resuming the newest run of %s: %s", task, previous[-1])
+        return previous[-1]
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -37,6 +51,8 @@ def make_run_dir(task: str, output_dir: str | None) -> Path:
 def setup_logging(is_main: bool) -> None:
     """Info on the main process, warnings only on the others."""
     level = logging.INFO if is_main else logging.WARNING
+    # Trainer asks for pinned memory by default; on a CPU-only machine torch warns on every dataloader.
+    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator.*")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
     import datasets
     import transformers
@@ -173,12 +189,13 @@ def write_model_card(
     title: str,
     base_model: str,
     data: dict[str, Any],
-    hyperparameters: dict[str, Any],
+    config: dict[str, Any],
     results: dict[str, Any],
     report_text: str | None = None,
     usage: str | None = None,
 ) -> None:
     """README.md for the run directory: what was trained on what, how, and how well."""
+    hyperparameters = {k: config[k] for k in CARD_HYPERPARAMETERS if k in config}
 
     def table(d: dict[str, Any]) -> str:
         rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in d.items())
@@ -219,3 +236,17 @@ def pad_stats(dataloader) -> tuple[int, int]:
         real += int(mask.sum())
         total += mask.numel()
     return real, total
+
+
+def train_token_stats(trainer, train_runtime: float, resumed_from: str | None = None) -> dict[str, float]:
+    """Real (non-pad) training tokens per second over all ranks, and the pad share of the batches.
+
+    Counts one epoch of this rank's training batches (collation only) and scales it to every rank
+    and to the epochs this run trained (after a resume, only those since the checkpoint).
+    """
+    real, total = pad_stats(trainer.get_train_dataloader())
+    start = 0.0
+    if resumed_from:
+        start = json.loads((Path(resumed_from) / "trainer_state.json").read_text(encoding="utf-8"))["epoch"]
+    tokens = real * trainer.args.world_size * (trainer.state.epoch - start)
+    return {"train_real_tokens_per_second": tokens / train_runtime, "train_pad_share": 1 - real / total}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+
 LONG_TEXT_POLICIES = ("head", "head_tail", "chunks")
 
 
@@ -74,3 +78,19 @@ def encode_texts(
             out["truncated"].append(int(len(ids) > budget))
             out["chunk_of"].append(i)
     return out
+
+
+def pool_chunks(scores: np.ndarray, owner: Sequence[int]) -> np.ndarray:
+    """Average rows that belong to the same input (the chunks of one long text) into one row per input.
+
+    `owner[i]` is the input index of row `i` (0..n-1, every input present, as `encode_texts` with
+    `chunks` produces them); the result has n rows in input order. Works for class probabilities
+    (N, C) and for scores (N,).
+    """
+    owner = np.asarray(owner)
+    counts = np.bincount(owner)
+    if (counts == 0).any():
+        raise ValueError(f"input {int(np.argmin(counts))} has no rows to pool")
+    sums = np.zeros((len(counts), *scores.shape[1:]), dtype=np.float64)
+    np.add.at(sums, owner, scores)
+    return sums / counts.reshape(-1, *([1] * (scores.ndim - 1)))

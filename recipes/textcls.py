@@ -34,13 +34,20 @@ from ftkit.models import (
     save_model,
 )
 from ftkit.predict import prediction_rows, write_rows
+from ftkit.reliability import (
+    CrashSafeCheckpoints,
+    NonFiniteError,
+    NonFiniteGuard,
+    exact_eval_loss,
+    resume_checkpoint,
+)
 from ftkit.run import (
     RUN_FILE,
     make_run_dir,
-    pad_stats,
     plot_confusion,
     plot_curves,
     setup_logging,
+    train_token_stats,
     write_config,
     write_json,
     write_manifest,
@@ -113,11 +120,18 @@ class DataArguments:
     early_stopping_patience: int = field(
         default=2, metadata={"help": "Evaluations without macro-F1 improvement before stopping."}
     )
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: continue from the last complete checkpoint in <output_dir>/checkpoints (partial "
+            "ones are skipped; none: start fresh); or the path of one checkpoint."
+        },
+    )
 
 
 # The recipe's own TrainingArguments defaults; a --config YAML and the command line override them.
 TRAINING_DEFAULTS = {
-    "num_train_epochs": 3,
+    "num_train_epochs": 2,
     "learning_rate": 1e-4,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
@@ -148,23 +162,18 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__,
     )
     setup_logging(training_args.should_log)
-    run_dir = make_run_dir("textcls", training_args.output_dir)
+    run_dir = make_run_dir("textcls", training_args.output_dir, resume=bool(data_args.resume))
     training_args.output_dir = str(run_dir / "checkpoints")
     model_path = resolve_model_path(model_args.model_name_or_path)
 
     # ---- Data: load, check labels, tokenize -------------------------------------------------
     splits, stats = load_text_splits(
-        **{
-            k: getattr(data_args, k)
-            for k in (
-                "dataset_name",
-                "dataset_config",
-                "train_file",
-                "validation_file",
-                "test_file",
-                "data_dir",
-            )
-        },
+        dataset_name=data_args.dataset_name,
+        dataset_config=data_args.dataset_config,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        test_file=data_args.test_file,
+        data_dir=data_args.data_dir,
         text_column=data_args.text_column,
         label_column=data_args.label_column,
         encoding=data_args.encoding,
@@ -201,9 +210,16 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
     model = add_lora(model, lora_config(model_args, TASK))
 
+    # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
+    callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
+    if training_args.load_best_model_at_end:  # early stopping needs per-epoch eval and best-model tracking
+        callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience))
+
     def compute_metrics(pred):
         logits, labels = pred
-        return classification_scores(labels, logits.argmax(-1), len(names))
+        scores = classification_scores(labels, logits.argmax(-1), len(names))
+        # Reported as eval_loss: Trainer's own counts the rows a multi-process run repeats as padding.
+        return {**scores, "loss": exact_eval_loss(logits, labels)}
 
     trainer = Trainer(
         model=model,
@@ -214,21 +230,20 @@ def main(argv: list[str] | None = None) -> dict:
         # Pads each batch to its own longest input; with length-grouped batches little is padding.
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
-        # Early stopping needs the per-epoch evaluation and best-model tracking it relies on.
-        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)] if training_args.load_best_model_at_end else [],
+        callbacks=callbacks,
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
-    train_result = trainer.train()
+    checkpoint = resume_checkpoint(data_args.resume, training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     results = dict(train_result.metrics)
-    real, total = pad_stats(trainer.get_train_dataloader())
-    results["train_real_tokens_per_second"] = real * trainer.state.epoch / results["train_runtime"]
-    results["train_pad_share"] = 1 - real / total
+    results.update(train_token_stats(trainer, results["train_runtime"], resumed_from=checkpoint))
     results.update(trainer.evaluate(metric_key_prefix="eval"))
     # group_by_length also reorders evaluation batches; predict the test set in row order so that
     # each prediction lines up with its input row in test_predictions.jsonl.
-    trainer.args.train_sampling_strategy = "random"
+    sampling, trainer.args.train_sampling_strategy = trainer.args.train_sampling_strategy, "random"
     test = trainer.predict(ds["test"], metric_key_prefix="test")
+    trainer.args.train_sampling_strategy = sampling  # config.yaml records what training used
     results.update(test.metrics)
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
     results.update(stats.as_results())
@@ -274,21 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "duplicates removed": stats.duplicates_removed,
                 "classes": ", ".join(names),
             },
-            hyperparameters={
-                k: config[k]
-                for k in (
-                    "learning_rate",
-                    "num_train_epochs",
-                    "per_device_train_batch_size",
-                    "max_length",
-                    "long_text",
-                    "lr_scheduler_type",
-                    "warmup_steps",
-                    "weight_decay",
-                    "use_lora",
-                    "seed",
-                )
-            },
+            config=config,
             results=results,
             report_text=report_text,
             usage=f"ftkit predict {run_dir} --input texts.txt\n# or: transformers.pipeline('text-classification', model='{run_dir}')",
@@ -305,5 +306,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as err:
+    except (DataError, NonFiniteError) as err:
         raise SystemExit(f"error: {err}") from None

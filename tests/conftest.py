@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
-import pytest
+# Tiny models gain nothing from intra-op threads; one thread per process keeps tests (and the
+# subprocesses they launch, which inherit this) fast on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -14,6 +14,19 @@ import textcls  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def all_cores():
+    # conftest limits tests to one thread (right for the tiny model); the real model wants them all.
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_textcls_real_model_learns_bbc_news_quickly(tmp_path):
     out = tmp_path / "bbc"
     results = textcls.main(

@@ -128,6 +128,14 @@ def test_lora_trains_adapter_and_head_only_and_reloads_identically(tiny_model, f
     assert torch.equal(
         base["embeddings.word_embeddings.weight"], merged["bert.embeddings.word_embeddings.weight"]
     )
+    layer_norm = "encoder.layer.1.output.LayerNorm.weight"
+    assert torch.equal(base[layer_norm], merged["bert." + layer_norm])
+    # Base weights stayed frozen: merged - base is exactly the low-rank update B @ A * alpha / r.
+    prefix = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    a_key = next(k for k in adapter if k.startswith(prefix) and "lora_A" in k)
+    delta = adapter[a_key.replace("lora_A", "lora_B")] @ adapter[a_key] * (32 / 4)
+    query = "encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(merged["bert." + query] - base[query], delta, atol=1e-6, rtol=1e-4)
 
     # Unmerged load path (base + adapter) against the merged plain model on the same inputs.
     (out / "model.safetensors").rename(out / "merged.safetensors.bak")
@@ -172,3 +180,25 @@ def test_two_process_cpu_launch_runs_two_ranks_and_predicts_each_test_row_once(
     # The tiny model starts near uniform over 3 classes: losses near ln 3 = 1.10, not N times that.
     results = json.loads((out / "all_results.json").read_text())
     assert results["train_loss"] < 1.5 and results["eval_loss"] < 1.5
+
+
+def test_gradient_accumulation_does_not_scale_the_loss(tiny_model, fixtures, tmp_path):
+    # Encoder heads take **kwargs, so Trainer would skip dividing by the accumulation steps unless
+    # load_model marks them; a near-uniform 3-class model must log about ln 3 = 1.10, not 2.2.
+    args = recipe_args(
+        tiny_model, fixtures, tmp_path / "ga", "--gradient_accumulation_steps", "2", "--max_steps", "2"
+    )
+    results = textcls.main(
+        [
+            *args,
+            "--learning_rate",
+            "1e-6",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--load_best_model_at_end",
+            "false",
+        ]
+    )
+    assert results["train_loss"] == pytest.approx(1.0986, abs=0.05)
