@@ -179,3 +179,14 @@ def test_compress_and_predict_cli_on_an_int8_run(tmp_path, tiny_model, fixtures)
     f = [json.loads(line) for line in (tmp_path / "f.jsonl").read_text().splitlines()]
     assert len(q) == 2 and all(r["label"] in {"food", "sports", "tech"} for r in q)
     assert max(abs(a["p_food"] - b["p_food"]) for a, b in zip(q, f, strict=True)) < 0.05  # int8 stays close
+
+
+def test_default_run_directory_is_timestamped_under_runs(tmp_path, monkeypatch):
+    from ftkit.run import make_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    _, _, train = parse([])  # no --output_dir: TrainingArguments fills in "trainer_output"
+    run_dir = make_run_dir("textcls", train.output_dir)
+    assert run_dir.parent == Path("runs") / "textcls" and run_dir.name[:8].isdigit()
+    (run_dir / "checkpoints").mkdir(parents=True)
+    assert make_run_dir("textcls", train.output_dir, resume=True) == run_dir  # --resume continues it
