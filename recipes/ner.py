@@ -51,12 +51,13 @@ from ftkit.ner import (
     merge_windows,
 )
 from ftkit.predict import write_rows
+from ftkit.reliability import CrashSafeCheckpoints, NonFiniteError, NonFiniteGuard, resume_checkpoint
 from ftkit.run import (
     RUN_FILE,
     make_run_dir,
-    pad_stats,
     plot_curves,
     setup_logging,
+    train_token_stats,
     write_config,
     write_json,
     write_manifest,
@@ -114,6 +115,13 @@ class DataArguments:
             "choices": list(CONTEXTS),
         },
     )
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: continue from the last complete checkpoint in <output_dir>/checkpoints (partial "
+            "ones are skipped; none: start fresh); or the path of one checkpoint."
+        },
+    )
 
 
 # The recipe's own TrainingArguments defaults (= recipes/configs/ner.yaml); a --config YAML and the CLI override them.
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__,
     )
     setup_logging(training_args.should_log)
-    run_dir = make_run_dir("ner", training_args.output_dir)
+    run_dir = make_run_dir("ner", training_args.output_dir, resume=bool(data_args.resume))
     training_args.output_dir = str(run_dir / "checkpoints")
     model_path = resolve_model_path(model_args.model_name_or_path)
 
@@ -222,14 +230,15 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=DataCollatorForTokenClassification(tokenizer),
         compute_metrics=metrics_for("validation"),
+        # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
+        callbacks=[CrashSafeCheckpoints(), NonFiniteGuard()],
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
-    train_result = trainer.train()
+    checkpoint = resume_checkpoint(data_args.resume, training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     results = dict(train_result.metrics)
-    real, total = pad_stats(trainer.get_train_dataloader())
-    results["train_real_tokens_per_second"] = real * trainer.state.epoch / results["train_runtime"]
-    results["train_pad_share"] = 1 - real / total
+    results.update(train_token_stats(trainer, results["train_runtime"], resumed_from=checkpoint))
     results.update(trainer.evaluate(metric_key_prefix="eval"))
     trainer.compute_metrics = metrics_for("test")
     test = trainer.predict(ds["test"], metric_key_prefix="test")
@@ -298,5 +307,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as err:
+    except (DataError, NonFiniteError) as err:
         raise SystemExit(f"error: {err}") from None
