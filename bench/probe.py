@@ -120,10 +120,13 @@ class ProbeTrainer(Trainer):
         metrics = super().evaluate(*args, **kwargs)
         seconds = time.perf_counter() - start
         if PROBE.in_train:
+            # The clock at the start of this evaluation, before its own time is booked.
+            train_seconds = PROBE.train_seconds(now=start)
             PROBE.add("evaluation", seconds)
             PROBE.curve.append(
                 {
-                    "train_seconds": PROBE.train_seconds(now=start),
+                    "train_seconds": train_seconds,
+                    "wall_seconds": start - PROBE.train_start,  # evaluations and checkpoints included
                     "step": self.state.global_step,
                     "examples": len(PROBE.lengths),
                     "eval_seconds": seconds,

@@ -8,7 +8,8 @@ from other processes hits all of them alike; the median step per variant is repo
     python bench/step_speed.py --variants b16 b32 b16-nodrop b16-eager b16-bf16 --rounds 5
     python bench/step_speed.py --variants b16 b16-compile --steps 8
 
-Variant names: b<batch>[-nodrop][-eager][-bf16][-compile][-t1] (t1: one torch thread).
+Variant names: b<batch>[-nodrop|-noattdrop][-eager][-bf16][-compile][-t1] (nodrop: no dropout at
+all; noattdrop: no attention dropout; t1: one torch thread).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def build(variant: str, seed: int = 0):
     kwargs = {"num_labels": 5, "use_safetensors": True}
     if "nodrop" in parts:
         kwargs.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if "noattdrop" in parts:  # attention dropout only: sdpa keeps its fused CPU kernel
+        kwargs.update(attention_probs_dropout_prob=0.0)
     kwargs["attn_implementation"] = "eager" if "eager" in parts else "sdpa"
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), **kwargs)

@@ -2,15 +2,16 @@
 
     make bench                                          # quick budget: every task with a recipe, < 20 min
     python bench/train_speed.py --task textcls          # one task
-    python bench/train_speed.py --task textcls --full   # the full default budgets (3 epochs each)
+    python bench/train_speed.py --task ner --full       # the full default budgets (each side's epochs)
     python bench/train_speed.py --ftkit_args --per_device_train_batch_size 32   # try a change
 
 Measured in one run on one machine: the fp32 GEMM peak (same torch thread count as training), then
 per task the baseline (bench/baseline.py: the Hugging Face example scripts' defaults) and ftkit's
 recipe (its own `main([...])`, unmodified, with `Trainer` swapped for the timing `ProbeTrainer`),
-each in its own process (clean peak RSS). Both train on the same examples budget and evaluate on
-the same validation split every `eval_every` training examples; the clock counts training only
-(data, forward/backward, optimizer, logging): evaluation and checkpoint time is reported apart.
+each in its own process (clean peak RSS). Both train for the same number of epochs of their own
+rows (a fraction of one for the quick budget) and evaluate on the same validation split at evenly
+spaced steps. The clock counts training only (data, forward/backward, optimizer, logging):
+evaluation and checkpoint time is reported apart.
 Figures: real (non-pad) tokens/s, pad share, model FLOPs per token, useful MFU (useful FLOP/s over
 the measured peak), peak RSS, the validation curve, and the time each side needs to reach the
 baseline's final validation metric. The CPU load average is recorded with every figure.
@@ -38,14 +39,32 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-# task -> recipe file, extra recipe arguments, baseline, metric compared
+# task -> ftkit recipe (+ arguments), baseline script (+ arguments), validation metric compared
 TASKS = {
-    "textcls": {"recipe": "textcls", "recipe_args": [], "baseline": "textcls", "metric": "accuracy"},
+    "textcls": {
+        "recipe": "textcls",
+        "recipe_args": [],
+        "baseline": "textcls",
+        "baseline_args": {},
+        "metric": "accuracy",
+    },
+    "sentiment": {
+        "recipe": "sentiment",
+        "recipe_args": [],
+        "baseline": "textcls",
+        "baseline_args": {"dataset_name": "rotten-tomatoes"},
+        "metric": "accuracy",
+    },
+    "ner": {"recipe": "ner", "recipe_args": [], "baseline": "ner", "baseline_args": {}, "metric": "f1"},
 }
-# Examples budget per side and evaluation interval (examples), quick and full. The interval is a
-# multiple of 32 so that batch 8, 16 and 32 all evaluate after the same examples.
-QUICK = {"textcls": {"examples": 1024, "eval_every": 128}}
-FULL = {"textcls": {"examples": None, "eval_every": 416}}  # None: each side's default epochs
+# Budget per side: `epochs` of its own training rows (None: its default epochs) and `evals` evenly
+# spaced validation passes (Trainer's fractional eval_steps). Quick: under 20 minutes on 2 idle cores.
+QUICK = {
+    "textcls": {"epochs": 0.5, "evals": 6},
+    "sentiment": {"epochs": 0.1, "evals": 4},
+    "ner": {"epochs": 0.1, "evals": 3},
+}
+FULL = {task: {"epochs": None, "evals": 12} for task in TASKS}
 
 # The recipe's top-level steps whose time is reported (names absent from a recipe are skipped).
 RECIPE_STEPS = {
@@ -55,6 +74,7 @@ RECIPE_STEPS = {
     "load_model": "load model",
     "add_lora": "load model",
     "pad_stats": "pad statistics",
+    "train_token_stats": "pad statistics",
     "save_model": "save model",
     "plot_curves": "plots",
     "plot_confusion": "plots",
@@ -78,45 +98,37 @@ def load_recipe(name: str):
     return module
 
 
-def _flag(args: list[str], name: str) -> str | None:
-    return args[args.index(name) + 1] if name in args else None
-
-
-def run_ftkit(task: str, examples: int | None, eval_every: int, extra: list[str], out_dir: str) -> dict:
-    """ftkit's recipe with its defaults, except: evaluation every `eval_every` examples for the
-    curve, no checkpoints or best-model reload (the curve needs neither), `examples` budget."""
+def run_ftkit(task: str, budget: dict, extra: list[str], out_dir: str) -> dict:
+    """ftkit's recipe with its defaults, except: `budget["evals"]` evaluations for the curve, no
+    checkpoints or best-model reload (the curve needs neither), and the `budget["epochs"]`."""
     from probe import ProbeTrainer, time_calls
 
     module = load_recipe(TASKS[task]["recipe"])
     module.Trainer = ProbeTrainer
     time_calls(module, RECIPE_STEPS)
-    batch = int(
-        _flag(extra, "--per_device_train_batch_size")
-        or module.TRAINING_DEFAULTS["per_device_train_batch_size"]
-    )
     argv = [
         *TASKS[task]["recipe_args"],
         "--output_dir", out_dir,
         "--eval_strategy", "steps",
-        "--eval_steps", str(eval_every // batch),
+        "--eval_steps", str(1 / budget["evals"]),
         "--save_strategy", "no",
         "--load_best_model_at_end", "false",
         "--disable_tqdm", "true",
     ]  # fmt: skip
-    if examples:
-        argv += ["--max_steps", str(examples // batch)]
+    if budget["epochs"]:
+        argv += ["--num_train_epochs", str(budget["epochs"])]
     return module.main(argv + extra)
 
 
-def run_baseline(task: str, examples: int | None, eval_every: int, extra: list[str], out_dir: str) -> dict:
+def run_baseline(task: str, budget: dict, extra: list[str], out_dir: str) -> dict:
     import baseline
     from probe import ProbeTrainer
 
-    batch = baseline.EXAMPLE_DEFAULTS["per_device_train_batch_size"]
-    overrides = {"eval_strategy": "steps", "eval_steps": eval_every // batch, "disable_tqdm": True}
-    if examples:
-        overrides["max_steps"] = examples // batch
-    return baseline.TASKS[TASKS[task]["baseline"]](ProbeTrainer, out_dir, **overrides)
+    overrides = {"eval_strategy": "steps", "eval_steps": 1 / budget["evals"], "disable_tqdm": True}
+    if budget["epochs"]:
+        overrides["num_train_epochs"] = budget["epochs"]
+    run = baseline.TASKS[TASKS[task]["baseline"]]
+    return run(ProbeTrainer, out_dir, **TASKS[task]["baseline_args"], **overrides)
 
 
 def worker(spec: dict) -> dict:
@@ -128,7 +140,7 @@ def worker(spec: dict) -> dict:
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as out_dir:
         run = run_ftkit if spec["side"] == "ftkit" else run_baseline
-        results = run(spec["task"], spec["examples"], spec["eval_every"], spec["extra"], out_dir)
+        results = run(spec["task"], spec["budget"], spec["extra"], out_dir)
     wall = time.perf_counter() - start
     metric = "eval_" + TASKS[spec["task"]]["metric"]
     curve = list(PROBE.curve)
@@ -295,8 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", nargs="+", choices=list(TASKS), help="default: every task with a recipe")
     p.add_argument("--full", action="store_true", help="full default budgets instead of the quick ones")
-    p.add_argument("--examples", type=int, help="training examples per side (overrides the budget)")
-    p.add_argument("--eval_every", type=int, help="evaluate every N training examples (multiple of 32)")
+    p.add_argument("--epochs", type=float, help="epochs per side (overrides the budget)")
+    p.add_argument("--evals", type=int, help="validation passes per side (overrides the budget)")
     p.add_argument("--skip_baseline", help="reuse the baseline figures from this results JSON")
     p.add_argument("--out_dir", default=str(BENCH / "results"))
     p.add_argument("--ftkit_args", nargs=argparse.REMAINDER, default=[], help="extra recipe arguments (last)")
@@ -309,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up under `make` and in logs
     tasks = args.task or available_tasks()
     budget = FULL if args.full else QUICK
     print(f"load before: {os.getloadavg()}; torch threads {torch.get_num_threads()}; tasks {tasks}")
@@ -326,15 +339,15 @@ def main(argv: list[str] | None = None) -> dict:
         "tasks": {},
     }
     for task in tasks:
-        b = {
-            **budget[task],
-            **{k: v for k, v in (("examples", args.examples), ("eval_every", args.eval_every)) if v},
-        }
-        spec = {"task": task, "examples": b["examples"], "eval_every": b["eval_every"]}
+        b = dict(budget[task])
+        b.update({k: v for k, v in (("epochs", args.epochs), ("evals", args.evals)) if v})
+        spec = {"task": task, "budget": b}
         if previous:
             base = previous["tasks"][task]["baseline"]
         else:
+            print(f"{task}: baseline, {b} ...")
             base = spawn({**spec, "side": "baseline", "extra": []})
+        print(f"{task}: ftkit, {b} {' '.join(args.ftkit_args)} ...")
         ftk = spawn({**spec, "side": "ftkit", "extra": args.ftkit_args})
         report["tasks"][task] = {"budget": b, "baseline": base, "ftkit": ftk, "compare": compare(base, ftk)}
     report["peak_after"] = measure_peak()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
@@ -40,8 +41,13 @@ def test_probe_counts_real_and_padded_tokens(tiny_model, tmp_path):
     assert all("eval_loss" in p for p in PROBE.curve)
     assert PROBE.calls["forward + backward"] == 2 and PROBE.calls["optimizer"] == 2
     assert PROBE.calls["evaluation"] == 2 and PROBE.shape.layers == 2 and PROBE.shape.hidden == 32
-    # The training clock excludes evaluation: it is below the wall time of train().
-    assert 0 < PROBE.train_seconds() < PROBE.train_end - PROBE.train_start
+    # The training clock at each point excludes the evaluations before it (not the point's own).
+    first, second = PROBE.curve
+    assert first["train_seconds"] == first["wall_seconds"] > 0
+    assert second["train_seconds"] == pytest.approx(second["wall_seconds"] - first["eval_seconds"])
+    assert PROBE.train_seconds() == pytest.approx(
+        PROBE.train_end - PROBE.train_start - first["eval_seconds"] - second["eval_seconds"]
+    )
 
 
 def test_time_to_reach_and_speedup():
