@@ -23,10 +23,21 @@ def recipes_dir() -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs, write_rows
+    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs, read_run_info, write_rows
 
     texts, origins = read_inputs(args.input, args.text_column)
-    model, tokenizer, info = load_run(args.run_dir)
+    if (Path(args.run_dir) / "compress.json").is_file():
+        from transformers import AutoTokenizer
+
+        from ftkit.compress import load_compressed  # pruned, int8 or ONNX variants
+
+        model, tokenizer, info = (
+            load_compressed(args.run_dir),
+            AutoTokenizer.from_pretrained(args.run_dir),
+            read_run_info(args.run_dir),
+        )
+    else:
+        model, tokenizer, info = load_run(args.run_dir)
     if info["task"] == "token-classification":
         from ftkit.ner import predict_entities  # the NER recipe's prediction path
 
@@ -61,6 +72,42 @@ def cmd_cp(args: argparse.Namespace) -> None:
     print(f"run it: python {dest} --config {copied[1] if len(copied) > 1 else '...'}")
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from ftkit.compress import compress_run
+    from ftkit.predict import read_inputs
+
+    texts = read_inputs(args.texts, args.text_column)[0] if args.texts else None
+    recover_texts = read_inputs(args.recover_texts, args.text_column)[0] if args.recover_texts else None
+    out = compress_run(
+        args.run_dir,
+        args.out,
+        quantize=args.quantize,
+        prune_heads=args.prune_heads,
+        prune_ffn=args.prune_ffn,
+        recover_steps=args.recover_steps,
+        merge_lora=args.merge_lora,
+        texts=texts,
+        recover_texts=recover_texts,
+    )
+    print(f"compressed run written to {out}")
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from ftkit.compress import export_onnx
+
+    print(f"ONNX model written to {export_onnx(args.run_dir, args.out)}")
+
+
+def cmd_bench_predict(args: argparse.Namespace) -> None:
+    from ftkit.bench import bench_predict, markdown
+
+    print(
+        markdown(
+            bench_predict(args.runs, test_file=args.test_file, batch_size=args.batch_size, out_dir=args.out)
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftkit",
@@ -85,6 +132,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="target file (my_task.py) or folder")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser(
+        "compress", help="merge LoRA, prune heads/FFN neurons, int8-quantize a run for CPU inference"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 through ONNX Runtime")
+    p.add_argument(
+        "--prune-heads",
+        dest="prune_heads",
+        type=float,
+        default=0.0,
+        help="share of attention heads to remove",
+    )
+    p.add_argument(
+        "--prune-ffn", dest="prune_ffn", type=float, default=0.0, help="share of FFN neurons to remove"
+    )
+    p.add_argument(
+        "--recover-steps", dest="recover_steps", type=int, default=0, help="distillation steps after pruning"
+    )
+    p.add_argument(
+        "--merge-lora", dest="merge_lora", action="store_true", help="merge a LoRA adapter into the base"
+    )
+    p.add_argument(
+        "--texts", help="validation texts (.txt, .csv, .jsonl) to rank heads/neurons; needed for pruning"
+    )
+    p.add_argument(
+        "--recover-texts", dest="recover_texts", help="texts for recovery distillation (default: --texts)"
+    )
+    p.add_argument("--text_column", help="text column of a table file (default: detected)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export-onnx", help="export a run to fp32 ONNX, checked against PyTorch")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser(
+        "bench-predict", help="size, latency and throughput of runs vs transformers.pipeline fp32"
+    )
+    p.add_argument("runs", nargs="+", help="reference run first, then its variants")
+    p.add_argument("--test_file", help="default: the reference run's test_predictions.jsonl")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--out", help="where to write bench_predict.json/.md (default: the reference run)")
+    p.set_defaults(func=cmd_bench_predict)
     return parser
 
 
@@ -93,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         args.func(args)
-    except DataError as err:
+    except (DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

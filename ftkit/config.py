@@ -71,10 +71,10 @@ def parse_args(
     known = {f.name for t in types for f in dataclasses.fields(t)}
     config_path, rest = _split_config_flag(argv)
     merged = dict(defaults or {})
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ddp_backend" in known and not _has_accelerator():
-        # transformers 5.x runs a multi-process CPU launch as independent single-process runs
-        # (world size 1 each) unless a backend is named; gloo is the CPU one.
-        merged["ddp_backend"] = "gloo"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "use_cpu" in known and not _has_accelerator():
+        # transformers 5.x on a CPU-only machine otherwise runs a multi-process launch as independent
+        # ranks without DDP (each trains on its own shard); use_cpu makes accelerate set up gloo + DDP.
+        merged["use_cpu"] = True
     if config_path:
         merged.update(load_yaml_config(config_path, known))
     # Values go through argparse as strings, so YAML and CLI give identical types and validation.

@@ -213,8 +213,9 @@ def merge_windows(
         for i, expected in enumerate(features.rows["labels"]):
             if list(row_labels[i][: len(expected)]) != expected:
                 raise RuntimeError(
-                    f"row {i} came back with other labels than encoded: rows were reordered "
-                    "(Trainer's group_by_length reorders evaluation too; use random sampling)"
+                    f"row {i} came back with other labels than encoded: rows were reordered (Trainer's "
+                    "group_by_length sampler reorders evaluation; so does a multi-process CPU launch "
+                    "that accelerate does not set up as distributed, see use_cpu)"
                 )
     seq_lengths = [sum(features.sentence_lengths[i] for i in g) for g in features.groups]
     values: list[list] = [[None] * n for n in seq_lengths]

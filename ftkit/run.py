@@ -33,7 +33,8 @@ def make_run_dir(task: str, output_dir: str | None, resume: bool = False) -> Pat
 
     With `resume` and no `output_dir`, the newest existing `runs/<task>/*` is continued.
     """
-    if output_dir:
+    # TrainingArguments turns a missing output_dir into "trainer_output": treat that as not given.
+    if output_dir and output_dir != "trainer_output":
         return Path(output_dir)
     previous = sorted(p for p in (Path("runs") / task).glob("*") if p.is_dir())
     if resume and previous:

@@ -51,12 +51,19 @@ from ftkit.ner import (
     merge_windows,
 )
 from ftkit.predict import write_rows
+from ftkit.reliability import (
+    CrashSafeCheckpoints,
+    NonFiniteError,
+    NonFiniteGuard,
+    exact_eval_loss,
+    resume_checkpoint,
+)
 from ftkit.run import (
     RUN_FILE,
     make_run_dir,
-    pad_stats,
     plot_curves,
     setup_logging,
+    train_token_stats,
     write_config,
     write_json,
     write_manifest,
@@ -114,6 +121,13 @@ class DataArguments:
             "choices": list(CONTEXTS),
         },
     )
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: continue from the last complete checkpoint in <output_dir>/checkpoints (partial "
+            "ones are skipped; none: start fresh); or the path of one checkpoint."
+        },
+    )
 
 
 # The recipe's own TrainingArguments defaults (= recipes/configs/ner.yaml); a --config YAML and the CLI override them.
@@ -131,8 +145,12 @@ TRAINING_DEFAULTS = {
     "logging_steps": 20,
     "report_to": "none",
     "seed": 42,
-    # Without a GPU, use_cpu makes a multi-process launch (accelerate --multi_gpu, torchrun) start gloo
-    # ranks; without it each process would train alone on all the data.
+    # True (the transformers 5 default) multiplies the loss by the world size for models whose loss
+    # takes no token count, BERT heads included: gradients and logged losses come out N times too
+    # large in a multi-process run (transformers issue #37474).
+    "average_tokens_across_devices": False,
+    # Without a GPU, use_cpu makes accelerate set up a multi-process launch (accelerate --multi_gpu,
+    # torchrun) as gloo ranks with DDP; ddp_backend=gloo alone gives ranks that never sync gradients.
     "use_cpu": not (torch.cuda.is_available() or torch.backends.mps.is_available()),
 }
 
@@ -145,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__,
     )
     setup_logging(training_args.should_log)
-    run_dir = make_run_dir("ner", training_args.output_dir)
+    run_dir = make_run_dir("ner", training_args.output_dir, resume=bool(data_args.resume))
     training_args.output_dir = str(run_dir / "checkpoints")
     model_path = resolve_model_path(model_args.model_name_or_path)
 
@@ -193,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     model.config.attention_probs_dropout_prob = 0.0
     model = add_lora(model, lora_config(model_args, TASK))
 
+    # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
+    callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
+
     def word_tags(split, pred, method) -> list[list[str]]:
         """One tag per word of every sentence of `split`: windows merged back, then decoded."""
         word_logits = merge_windows(features[split], pred.predictions, pred.label_ids)
@@ -210,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "argmax_f1": argmax["f1"],
                     "argmax_invalid_sequences": argmax["invalid_sequences"],
                 }
-            return metrics
+            # Reported as eval_loss: Trainer's own counts the rows a multi-process run repeats as padding.
+            return {**metrics, "loss": exact_eval_loss(pred.predictions, pred.label_ids)}
 
         return compute_metrics
 
@@ -222,14 +244,14 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=DataCollatorForTokenClassification(tokenizer),
         compute_metrics=metrics_for("validation"),
+        callbacks=callbacks,
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
-    train_result = trainer.train()
+    checkpoint = resume_checkpoint(data_args.resume, training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     results = dict(train_result.metrics)
-    real, total = pad_stats(trainer.get_train_dataloader())
-    results["train_real_tokens_per_second"] = real * trainer.state.epoch / results["train_runtime"]
-    results["train_pad_share"] = 1 - real / total
+    results.update(train_token_stats(trainer, results["train_runtime"], resumed_from=checkpoint))
     results.update(trainer.evaluate(metric_key_prefix="eval"))
     trainer.compute_metrics = metrics_for("test")
     test = trainer.predict(ds["test"], metric_key_prefix="test")
@@ -298,5 +320,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as err:
+    except (DataError, NonFiniteError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -48,13 +48,20 @@ from ftkit.models import (
     save_model,
 )
 from ftkit.predict import prediction_rows, write_rows
+from ftkit.reliability import (
+    CrashSafeCheckpoints,
+    NonFiniteError,
+    NonFiniteGuard,
+    exact_eval_loss,
+    resume_checkpoint,
+)
 from ftkit.run import (
     RUN_FILE,
     make_run_dir,
-    pad_stats,
     plot_confusion,
     plot_curves,
     setup_logging,
+    train_token_stats,
     write_config,
     write_json,
     write_manifest,
@@ -157,6 +164,13 @@ class DataArguments:
     early_stopping_patience: int = field(
         default=2, metadata={"help": "Evaluations without macro-F1 improvement before stopping."}
     )
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: continue from the last complete checkpoint in <output_dir>/checkpoints (partial "
+            "ones are skipped; none: start fresh); or the path of one checkpoint."
+        },
+    )
 
 
 # The recipe's own TrainingArguments defaults; a --config YAML and the command line override them.
@@ -178,6 +192,10 @@ TRAINING_DEFAULTS = {
     "logging_steps": 20,
     "report_to": "none",
     "seed": 42,
+    # True (the transformers 5 default) multiplies the loss by the world size for models whose loss
+    # takes no token count, BERT heads included: gradients and logged losses come out N times too
+    # large in a multi-process run (transformers issue #37474).
+    "average_tokens_across_devices": False,
 }
 
 
@@ -245,23 +263,18 @@ def main(argv: list[str] | None = None) -> dict:
     if regression and training_args.metric_for_best_model == "macro_f1":
         # Ratings have no classes: select on RMSE (lower is better), the root of the MSE being fitted.
         training_args.metric_for_best_model, training_args.greater_is_better = "rmse", False
-    run_dir = make_run_dir("sentiment", training_args.output_dir)
+    run_dir = make_run_dir("sentiment", training_args.output_dir, resume=bool(data_args.resume))
     training_args.output_dir = str(run_dir / "checkpoints")
     model_path = resolve_model_path(model_args.model_name_or_path)
 
     # ---- Data: load, check labels, tokenize -------------------------------------------------
     splits, stats = load_text_splits(
-        **{
-            k: getattr(data_args, k)
-            for k in (
-                "dataset_name",
-                "dataset_config",
-                "train_file",
-                "validation_file",
-                "test_file",
-                "data_dir",
-            )
-        },
+        dataset_name=data_args.dataset_name,
+        dataset_config=data_args.dataset_config,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        test_file=data_args.test_file,
+        data_dir=data_args.data_dir,
         text_column=data_args.text_column,
         label_column=data_args.label_column,
         encoding=data_args.encoding,
@@ -340,10 +353,18 @@ def main(argv: list[str] | None = None) -> dict:
         weights = class_weights(data_args.class_weights, ds["train"]["labels"], names)
         logger.info("class weights: %s", dict(zip(names, weights, strict=True)))
 
+    # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
+    callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
+    if training_args.load_best_model_at_end:  # early stopping needs per-epoch eval and best-model tracking
+        callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience))
+
     def compute_metrics(pred):
         # Per row; with `chunks` per window (model selection). The reported eval/test metrics are per input.
         logits, labels = pred
-        return sentiment_scores(logits[:, 0] if regression else softmax(logits), labels, len(names))
+        scores = sentiment_scores(logits[:, 0] if regression else softmax(logits), labels, len(names))
+        # Reported as eval_loss: Trainer's own counts the rows a multi-process run repeats as padding.
+        # (Unweighted: with --class_weights the training loss is the weighted one.)
+        return {**scores, "loss": exact_eval_loss(logits, labels)}
 
     trainer = Trainer(
         model=model,
@@ -356,18 +377,14 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
         # Weighted cross-entropy for imbalanced classes; without weights the model's own loss.
         compute_loss_func=weighted_cross_entropy(weights) if weights else None,
-        # Early stopping needs the per-epoch evaluation and best-model tracking it relies on.
-        callbacks=[EarlyStoppingCallback(data_args.early_stopping_patience)]
-        if training_args.load_best_model_at_end
-        else [],
+        callbacks=callbacks,
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
-    train_result = trainer.train()
+    checkpoint = resume_checkpoint(data_args.resume, training_args.output_dir)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     results = dict(train_result.metrics)
-    real, total = pad_stats(trainer.get_train_dataloader())
-    results["train_real_tokens_per_second"] = real * trainer.state.epoch / results["train_runtime"]
-    results["train_pad_share"] = 1 - real / total
+    results.update(train_token_stats(trainer, results["train_runtime"], resumed_from=checkpoint))
     # group_by_length also reorders evaluation batches; predict in row order so that chunk rows pool
     # back onto their input and each prediction lines up with its input row in test_predictions.jsonl.
     sampling, trainer.args.train_sampling_strategy = trainer.args.train_sampling_strategy, "random"
@@ -465,5 +482,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as err:
+    except (DataError, NonFiniteError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -143,3 +143,50 @@ def test_predict_cli_txt_and_csv(tmp_path, tiny_model, fixtures):
     lines = (tmp_path / "p.csv").read_text().splitlines()
     assert lines[0].split(",")[:3] == ["origin", "text", "label"] and len(lines) == 13
     assert ftkit_main(["predict", str(tmp_path), "--input", str(txt)]) == 2  # not a run directory
+
+
+def test_compress_and_predict_cli_on_an_int8_run(tmp_path, tiny_model, fixtures):
+    run = tmp_path / "run"
+    data = fixtures / "textcls"
+    textcls.main(
+        [
+            "--model_name_or_path",
+            tiny_model,
+            "--train_file",
+            str(data / "train.csv"),
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(run),
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    assert ftkit_main(["compress", str(run), "--quantize", "int8", "--out", str(tmp_path / "int8")]) == 0
+    assert (
+        ftkit_main(["compress", str(run), "--prune-heads", "0.5", "--out", str(tmp_path / "p")]) == 2
+    )  # needs --texts
+    txt = tmp_path / "in.txt"
+    txt.write_text("Chef bakes bread.\nNew phone chip.\n")
+    assert (
+        ftkit_main(
+            ["predict", str(tmp_path / "int8"), "--input", str(txt), "--output", str(tmp_path / "q.jsonl")]
+        )
+        == 0
+    )
+    assert ftkit_main(["predict", str(run), "--input", str(txt), "--output", str(tmp_path / "f.jsonl")]) == 0
+    q = [json.loads(line) for line in (tmp_path / "q.jsonl").read_text().splitlines()]
+    f = [json.loads(line) for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+    assert len(q) == 2 and all(r["label"] in {"food", "sports", "tech"} for r in q)
+    assert max(abs(a["p_food"] - b["p_food"]) for a, b in zip(q, f, strict=True)) < 0.05  # int8 stays close
+
+
+def test_default_run_directory_is_timestamped_under_runs(tmp_path, monkeypatch):
+    from ftkit.run import make_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    _, _, train = parse([])  # no --output_dir: TrainingArguments fills in "trainer_output"
+    run_dir = make_run_dir("textcls", train.output_dir)
+    assert run_dir.parent == Path("runs") / "textcls" and run_dir.name[:8].isdigit()
+    (run_dir / "checkpoints").mkdir(parents=True)
+    assert make_run_dir("textcls", train.output_dir, resume=True) == run_dir  # --resume continues it

@@ -19,7 +19,7 @@ import ner  # noqa: E402
 
 from ftkit import DataError  # noqa: E402
 from ftkit.config import parse_args  # noqa: E402
-from ftkit.conll import read_conll, write_conll  # noqa: E402
+from ftkit.conll import read_conll  # noqa: E402
 from ftkit.models import ModelArguments  # noqa: E402
 from ftkit.ner import decode_tags, encode_sentences, entity_metrics, predict_entities, predict_word_logits  # noqa: E402
 from ftkit.predict import load_run  # noqa: E402
@@ -207,34 +207,43 @@ def test_ftkit_predict_cli_writes_entities(full_run, tmp_path):
     assert all(r["text"][e["start"] : e["end"]] == e["text"] for r in rows for e in r["entities"])
 
 
-def test_two_processes_each_see_their_share_and_eval_sees_every_word_once(tiny_model, tmp_path):
+def test_two_processes_train_one_model_and_eval_sees_every_word_once(tiny_model, tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI not installed"
     out = tmp_path / "ddp"
+    # Odd row counts in validation and test: the second rank gets a padded duplicate to drop. The tiny
+    # vocabulary follows the fixtures, so look for a stride that gives them.
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    # Odd window counts: the second rank gets a padded duplicate that must be dropped. The count
-    # depends on the tiny tokenizer's vocabulary (trained on all fixtures), so trim until it is odd.
-    files = {}
-    for split in ("valid", "test"):
-        sentences = read_conll(DATA / f"{split}.conll")
-        while len(encode_sentences(tok, sentences, 32, 12, "document").windows) % 2 == 0:
-            sentences = sentences[:-1]
-        files[split] = tmp_path / f"{split}.conll"
-        write_conll(files[split], sentences)
-    args = recipe_args(
-        tiny_model, out, "--stride", "12", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "4",
-        "--validation_file", str(files["valid"]), "--test_file", str(files["test"]),
-    )  # fmt: skip
+    sentences = [read_conll(DATA / f"{split}.conll") for split in ("valid", "test")]
+    stride = next(
+        s
+        for s in range(4, 16)
+        if all(len(encode_sentences(tok, x, 32, s, "document").windows) % 2 for x in sentences)
+    )
+    args = recipe_args(tiny_model, out, "--stride", str(stride), "--max_steps", "4")
+    args += ["--save_strategy", "steps", "--save_steps", "4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "ner.py"), *args]
+    cmd += [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "tests" / "ner_two_ranks.py"),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checkpoint = out / "checkpoints" / "checkpoint-4"
     assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+    # Both ranks trained one DDP model: same weights at the end (unsynced ranks would differ).
+    ranks = [json.loads((out / "checkpoints" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert (
+        ranks[0]["world_size"] == ranks[1]["world_size"] == 2 and ranks[0]["ddp"] == "DistributedDataParallel"
+    )
+    assert ranks[0]["weights"] == ranks[1]["weights"]
     results = json.loads((out / "all_results.json").read_text())
     # Padding duplicates are dropped: every validation and test word is scored exactly once.
-    words = {split: sum(len(s.tokens) for s in read_conll(path)) for split, path in files.items()}
-    assert results["eval_words"] == words["valid"] and results["test_words"] == words["test"]
+    assert results["eval_words"] == n_words("valid") and results["test_words"] == n_words("test")
     rows = (out / "test_predictions.jsonl").read_text().splitlines()
-    assert len(rows) == len(read_conll(files["test"]))
+    assert len(rows) == len(read_conll(DATA / "test.conll"))

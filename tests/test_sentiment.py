@@ -178,6 +178,17 @@ def test_class_weights_reach_the_trainer(tiny_model, tmp_path):
     assert all(r["label"] == "negative" for r in rows)
 
 
+def test_weighted_loss_is_not_scaled_by_gradient_accumulation(tiny_model, tmp_path):
+    # With compute_loss_func Trainer skips its division by the accumulation steps; the loss divides by
+    # the rows of the accumulated batch instead. A near-uniform 2-class model logs about ln 2 = 0.69.
+    results = run(
+        tiny_model, tmp_path / "ga", "--class_weights", "1,1", "--gradient_accumulation_steps", "2",
+        "--max_steps", "2", "--learning_rate", "1e-6", "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "false",
+    )  # fmt: skip
+    assert results["train_loss"] == pytest.approx(0.6931, abs=0.05)
+
+
 def test_lora_regression_saves_adapter_and_reloads(tiny_model, tmp_path):
     out = tmp_path / "lora"
     run(

@@ -1,0 +1,136 @@
+"""Training-step throughput of the default encoder under variants, interleaved in one process.
+
+Isolates the model step (forward, backward, AdamW) from data, evaluation and Trainer overheads, to
+decide which change is worth making in the recipes. Variants run in alternating rounds so that load
+from other processes hits all of them alike; the median step per variant is reported.
+
+    python bench/step_speed.py                                 # the default variant set
+    python bench/step_speed.py --variants b16 b32 b16-nodrop b16-eager b16-bf16 --rounds 5
+    python bench/step_speed.py --variants b16 b16-compile --steps 8
+
+Variant names: b<batch>[-nodrop|-noattdrop][-eager][-bf16][-compile][-t1] (nodrop: no dropout at
+all; noattdrop: no attention dropout; t1: one torch thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flops import gemm_peak, model_shape, train_flops  # noqa: E402
+
+SEQ_LEN = 128  # BBC News: every article is longer than 128 tokens, so every batch is full
+
+
+def build(variant: str, seed: int = 0):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from ftkit.models import default_model_path
+
+    parts = variant.split("-")
+    batch = int(parts[0][1:])
+    kwargs = {"num_labels": 5, "use_safetensors": True}
+    if "nodrop" in parts:
+        kwargs.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if "noattdrop" in parts:  # attention dropout only: sdpa keeps its fused CPU kernel
+        kwargs.update(attention_probs_dropout_prob=0.0)
+    kwargs["attn_implementation"] = "eager" if "eager" in parts else "sdpa"
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), **kwargs)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    step_model = torch.compile(model) if "compile" in parts else model
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (batch, SEQ_LEN), generator=gen)
+    ids[:, 0], ids[:, -1] = 101, 102
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, 5, (batch,), generator=gen),
+    }
+    bf16 = "bf16" in parts
+    threads = 1 if "t1" in parts else None
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = step_model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, batch, threads, model_shape(model)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--variants", nargs="+", default=["b8", "b16", "b32", "b16-nodrop", "b16-eager", "b16-bf16"]
+    )
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
+    p.add_argument("--out", help="write the figures as JSON here")
+    args = p.parse_args(argv)
+
+    default_threads = torch.get_num_threads()
+    peak = gemm_peak()
+    built = {}
+    for v in args.variants:
+        start = time.perf_counter()
+        step, batch, threads, shape = build(v)
+        if threads:
+            torch.set_num_threads(threads)
+        step()  # first step: kernel selection, compilation for -compile
+        torch.set_num_threads(default_threads)
+        built[v] = (step, batch, threads, shape, time.perf_counter() - start)
+    times: dict[str, list[float]] = {v: [] for v in args.variants}
+    for _ in range(args.rounds):
+        for v, (step, _, threads, _, _) in built.items():
+            torch.set_num_threads(threads or default_threads)
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                step()
+                times[v].append(time.perf_counter() - start)
+            torch.set_num_threads(default_threads)
+    peak_after = gemm_peak()
+    gflops_peak = max(peak["gflops_best"], peak_after["gflops_best"])
+    rows = []
+    for v, (_, batch, _threads, shape, setup) in built.items():
+        med = statistics.median(times[v])
+        flops = train_flops(shape, [SEQ_LEN] * batch)
+        rows.append(
+            {
+                "variant": v,
+                "step_s": med,
+                "tokens_per_s": batch * SEQ_LEN / med,
+                "gflops": flops / med / 1e9,
+                "mfu": flops / med / 1e9 / gflops_peak,
+                "setup_and_first_step_s": setup,
+            }
+        )
+    print(f"fp32 GEMM peak {gflops_peak:.1f} GFLOP/s ({default_threads} threads); load {os.getloadavg()}")
+    print(f"{'variant':<20}{'step s':>8}{'tok/s':>9}{'GFLOP/s':>9}{'MFU':>7}{'setup s':>9}")
+    for r in rows:
+        print(
+            f"{r['variant']:<20}{r['step_s']:>8.3f}{r['tokens_per_s']:>9.0f}{r['gflops']:>9.1f}"
+            f"{r['mfu']:>7.0%}{r['setup_and_first_step_s']:>9.1f}"
+        )
+    result = {"peak_gflops": gflops_peak, "peak": [peak, peak_after], "load": os.getloadavg(), "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
