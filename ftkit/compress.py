@@ -87,9 +87,12 @@ class OnnxModel:
     session: object  # onnxruntime.InferenceSession
     config: PretrainedConfig
 
-    def __call__(self, input_ids, attention_mask, **_ignored) -> ModelOutput:
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, **_ignored) -> ModelOutput:
         feed = {"input_ids": np.asarray(input_ids, dtype=np.int64)}
         feed["attention_mask"] = np.asarray(attention_mask, dtype=np.int64)
+        if any(i.name == "token_type_ids" for i in self.session.get_inputs()):  # NER runs with case types
+            types = np.zeros_like(feed["input_ids"]) if token_type_ids is None else token_type_ids
+            feed["token_type_ids"] = np.asarray(types, dtype=np.int64)
         return ModelOutput(logits=torch.from_numpy(self.session.run(None, feed)[0]))
 
     def eval(self) -> OnnxModel:
@@ -214,11 +217,28 @@ def _task_loss(model, logits: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return F.cross_entropy(logits, logits.argmax(-1).detach())
 
 
-def _batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> list[dict]:
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+def _batches(
+    tokenizer, texts: Sequence[str], batch_size: int, max_length: int, case_feature: bool = False
+) -> list[dict]:
+    """Padded batches of `texts`; with `case_feature` (NER runs on uncased models) each sub-token's
+    `token_type_ids` is the shape of the word it belongs to, as the run was trained."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, return_offsets_mapping=True)
+    keys = ["input_ids", "attention_mask"]
+    if case_feature:
+        from ftkit.ner import word_shape
+
+        keys.append("token_type_ids")
+        enc["token_type_ids"] = []
+        for i, text in enumerate(texts):
+            spans: dict[int, tuple[int, int]] = {}  # word -> (first char, last char + 1)
+            for w, (a, b) in zip(enc.word_ids(i), enc["offset_mapping"][i], strict=True):
+                if w is not None:
+                    spans[w] = (spans.get(w, (a, b))[0], b)
+            shape = {w: word_shape(text[a:b]) for w, (a, b) in spans.items()}
+            enc["token_type_ids"].append([0 if w is None else shape[w] for w in enc.word_ids(i)])
     out = []
     for start in range(0, len(texts), batch_size):
-        rows = {k: enc[k][start : start + batch_size] for k in ("input_ids", "attention_mask")}
+        rows = {k: enc[k][start : start + batch_size] for k in keys}
         out.append(dict(tokenizer.pad(rows, return_tensors="pt")))
     return out
 
@@ -344,16 +364,18 @@ def recover(model, teacher, batches: Sequence[dict], steps: int, lr: float = 5e-
 
 
 def _export(model, path: Path, example: dict) -> None:
-    """torch.onnx (dynamo exporter) with dynamic batch and sequence length; inputs input_ids, attention_mask."""
+    """torch.onnx (dynamo exporter) with dynamic batch and sequence length; inputs input_ids,
+    attention_mask, and token_type_ids when `example` has them (NER runs with case types)."""
     dim = torch.export.Dim.DYNAMIC
+    names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in example]
     torch.onnx.export(
         model,
         (),
         str(path),
-        kwargs={k: example[k] for k in ("input_ids", "attention_mask")},
-        input_names=["input_ids", "attention_mask"],
+        kwargs={k: example[k] for k in names},
+        input_names=names,
         output_names=["logits"],
-        dynamic_shapes={"input_ids": {0: dim, 1: dim}, "attention_mask": {0: dim, 1: dim}},
+        dynamic_shapes={k: {0: dim, 1: dim} for k in names},
         dynamo=True,
         external_data=False,
         verbose=False,
@@ -392,18 +414,20 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
 def _check_onnx(model, path: Path, batch: dict) -> float:
     """Max |logit difference| between PyTorch and ONNX Runtime on one batch."""
     with torch.inference_mode():
-        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.numpy()
-    got = OnnxModel(onnx_session(path), model.config)(batch["input_ids"], batch["attention_mask"]).logits
+        expected = model(**batch).logits.numpy()
+    got = OnnxModel(onnx_session(path), model.config)(**batch).logits
     return float(np.abs(got.numpy() - expected).max())
 
 
 _PROBE_TEXTS = ["A short one.", "A somewhat longer sentence, so that the batch needs padding in it."]
 
 
-def _write_onnx(model, tokenizer, out_dir: Path, quantize: str | None, texts: Sequence[str] | None) -> dict:
+def _write_onnx(
+    model, tokenizer, out_dir: Path, quantize: str | None, texts: Sequence[str] | None, case_feature: bool
+) -> dict:
     """Export (and maybe quantize) `model` into out_dir; return the compress.json fields it adds."""
     max_length = min(tokenizer.model_max_length, 512)
-    probe = _batches(tokenizer, list(texts or _PROBE_TEXTS)[:8], 8, max_length)[0]
+    probe = _batches(tokenizer, list(texts or _PROBE_TEXTS)[:8], 8, max_length, case_feature)[0]
     fp32 = out_dir / "model.onnx"
     _export(model, fp32, probe)
     diff = _check_onnx(model, fp32, probe)
@@ -459,13 +483,14 @@ def compress_run(
     if pruning and not texts:
         raise ValueError("pruning needs validation texts to estimate head/neuron importance (texts=...)")
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    max_length = read_run_info(run_dir)["max_length"]
+    info = read_run_info(run_dir)
+    max_length, case_feature = info["max_length"], info.get("case_feature", False)
     model = load_torch_model(run_dir)
     # A compressed source (e.g. pruned, now quantized) passes on what was done to it.
     record = {**read_compress_record(run_dir), "source": str(run_dir), "format": "safetensors"}
     record["file"] = "model.safetensors"
     if pruning:
-        batches = _batches(tokenizer, texts, batch_size, max_length)
+        batches = _batches(tokenizer, texts, batch_size, max_length, case_feature)
         heads, ffn = estimate_importance(model, batches)
         teacher = copy.deepcopy(model) if recover_steps else None
         layers = prune_model(model, *select_units(heads, ffn, prune_heads, prune_ffn))
@@ -473,13 +498,16 @@ def compress_run(
             layers=layers, prune_heads=prune_heads, prune_ffn=prune_ffn, importance_texts=len(texts)
         )
         if recover_steps:
-            recover_batches = _batches(tokenizer, recover_texts or texts, batch_size, max_length)
+            recover_batches = _batches(
+                tokenizer, recover_texts or texts, batch_size, max_length, case_feature
+            )
             losses = recover(model, teacher, recover_batches, recover_steps)
             record.update(recover_steps=recover_steps, recover_loss_first_last=[losses[0], losses[-1]])
         model.eval()
     _copy_run_files(run_dir, out_dir, tokenizer)
     if quantize or onnx:
-        record.update(_write_onnx(model, tokenizer, out_dir, quantize, texts), quantize=quantize)
+        fields = _write_onnx(model, tokenizer, out_dir, quantize, texts, case_feature)
+        record.update(fields, quantize=quantize)
     else:
         model.save_pretrained(out_dir)
     if pruning or quantize or onnx:  # a merged-only run is a plain HF model and needs no recipe to load

@@ -16,6 +16,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from ftkit import DataError
 from ftkit.conll import Sentence, invalid_transition, split_tag
 from ftkit.text import special_tokens_template
 
@@ -82,6 +83,62 @@ def word_pieces(tokenizer, word_lists: Sequence[Sequence[str]]) -> list[list[lis
     return out
 
 
+# Word shapes for uncased models, which lowercase "Paris" into "paris" and lose NER's strongest cue.
+# Type 0 is what the pretrained model saw for every token; the others are new token-type embeddings.
+CASE_TYPES = ("no capital", "Capitalized", "ALL CAPS", "miXed")
+
+
+def word_shape(word: str) -> int:
+    """Index into CASE_TYPES: 0 no uppercase letter, 1 first letter upper only, 2 all letters upper
+    (two or more), 3 any other mix."""
+    letters = [c for c in word if c.isalpha()]
+    upper = [c.isupper() for c in letters]
+    if not any(upper):
+        return 0
+    if all(upper) and len(letters) > 1:
+        return 2
+    return 1 if upper[0] and not any(upper[1:]) else 3
+
+
+def lowercases(tokenizer) -> bool:
+    """True if the tokenizer maps "Paris" and "paris" to the same ids (an uncased model)."""
+    return (
+        tokenizer("Paris NATO", add_special_tokens=False)["input_ids"]
+        == tokenizer("paris nato", add_special_tokens=False)["input_ids"]
+    )
+
+
+def has_token_types(model) -> bool:
+    """True if the model's embeddings have a token-type table (BERT, MiniLM, ELECTRA; not DistilBERT)."""
+    return hasattr(getattr(model.base_model, "embeddings", None), "token_type_embeddings")
+
+
+def use_case_feature(choice: str, tokenizer, model) -> bool:
+    """Resolve `--case_feature`: "on", "off", or "auto" (on for an uncased tokenizer and a model with
+    token types). "on" for a model without token types is a `DataError`."""
+    if choice == "on" and not has_token_types(model):
+        raise DataError(
+            f"--case_feature on: {type(model.base_model).__name__} has no token-type embeddings to carry it"
+        )
+    return choice == "on" or (choice == "auto" and has_token_types(model) and lowercases(tokenizer))
+
+
+def add_case_types(model) -> None:
+    """Give `model` one token-type embedding per CASE_TYPES entry, each a copy of type 0.
+
+    At the start the model computes exactly what it did before (every token is type 0 to it); fine-tuning
+    then learns what capitalization adds. Saved with the model (`type_vocab_size` in config.json).
+    """
+    import torch
+
+    embeddings = model.base_model.embeddings
+    old = embeddings.token_type_embeddings
+    new = torch.nn.Embedding(len(CASE_TYPES), old.embedding_dim)
+    new.weight.data.copy_(old.weight.data[0].expand_as(new.weight))
+    embeddings.token_type_embeddings = new
+    model.config.type_vocab_size = len(CASE_TYPES)
+
+
 def plan_windows(counts: Sequence[int], budget: int, stride: int) -> list[tuple[int, int]]:
     """Cover words with `counts` sub-tokens each by windows [start, end) of at most `budget` sub-tokens.
 
@@ -143,11 +200,13 @@ def encode_pieces(
     max_length: int,
     stride: int,
     labels: Sequence[Sequence[int]] | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
 ) -> Features:
     """Build model rows from per-sentence word pieces: window every word sequence, label first sub-tokens.
 
     `labels[i][w]` is the label id of word w of sentence i; it goes on the word's first sub-token in
-    every window that holds the word (training sees all windows), -100 elsewhere.
+    every window that holds the word (training sees all windows), -100 elsewhere. `shapes[i][w]`
+    (see `word_shape`) goes on every sub-token of the word as `token_type_ids` (0 on special tokens).
     """
     prefix, suffix = specials
     budget = max_length - len(prefix) - len(suffix)
@@ -156,27 +215,35 @@ def encode_pieces(
     rows: dict[str, list] = {"input_ids": [], "word_index": [], "length": []}
     if labels is not None:
         rows["labels"] = []
+    if shapes is not None:
+        rows["token_type_ids"] = []
     windows = []
     n_long = sum(sum(min(len(p), budget) for p in sent) > budget for sent in pieces)
     for g, group in enumerate(groups):
         # A word longer than a whole window keeps its first sub-tokens: its label sits on the first.
         seq = [p[:budget] for i in group for p in pieces[i]]
         seq_labels = [x for i in group for x in labels[i]] if labels is not None else None
+        seq_shapes = [x for i in group for x in shapes[i]] if shapes is not None else None
         spans = plan_windows([len(p) for p in seq], budget, stride)
         for (a, b), (sa, sb) in zip(spans, score_spans(spans), strict=True):
             windows.append(Window(g, a, b, sa, sb))
             ids, word_index, row_labels = list(prefix), [-1] * len(prefix), [-100] * len(prefix)
+            row_shapes = [0] * len(prefix)
             for w in range(a, b):
                 ids += seq[w]
                 word_index += [w if sa <= w < sb else -1] + [-1] * (len(seq[w]) - 1)
                 if seq_labels is not None:
                     row_labels += [seq_labels[w]] + [-100] * (len(seq[w]) - 1)
+                if seq_shapes is not None:
+                    row_shapes += [seq_shapes[w]] * len(seq[w])
             ids += suffix
             rows["input_ids"].append(ids)
             rows["word_index"].append(word_index + [-1] * len(suffix))
             rows["length"].append(len(ids))
             if seq_labels is not None:
                 rows["labels"].append(row_labels + [-100] * len(suffix))
+            if seq_shapes is not None:
+                rows["token_type_ids"].append(row_shapes + [0] * len(suffix))
     lengths = [len(p) for p in pieces]
     return Features(rows, windows, [list(g) for g in groups], lengths, n_long)
 
@@ -188,16 +255,20 @@ def encode_sentences(
     stride: int,
     context: str = "sentence",
     label2id: dict[str, int] | None = None,
+    case_feature: bool = False,
 ) -> Features:
     """Tokenize sentences with a fast tokenizer and build windowed rows (see `encode_pieces`).
 
     With `context="document"`, consecutive sentences of one document share windows so that each
-    sentence sees its neighbours; each word is still scored once.
+    sentence sees its neighbours; each word is still scored once. `case_feature` adds each word's
+    shape as `token_type_ids` (for a model prepared with `add_case_types`).
     """
     pieces = word_pieces(tokenizer, [s.tokens for s in sentences])
     labels = [[label2id[t] for t in s.tags] for s in sentences] if label2id is not None else None
+    shapes = [[word_shape(w) for w in s.tokens] for s in sentences] if case_feature else None
     groups = group_sentences([s.doc_id for s in sentences], context)
-    return encode_pieces(pieces, groups, special_tokens_template(tokenizer), max_length, stride, labels)
+    specials = special_tokens_template(tokenizer)
+    return encode_pieces(pieces, groups, specials, max_length, stride, labels, shapes)
 
 
 def merge_windows(
@@ -358,10 +429,12 @@ def predict_word_logits(
     stride: int,
     batch_size: int = 32,
     groups: Sequence[Sequence[int]] | None = None,
+    case_feature: bool = False,
 ) -> list[np.ndarray]:
     """Logits (words x labels) of every word of every word list, from batches of length-sorted windows.
 
-    `groups` (see `group_sentences`) lets consecutive word lists of one document share windows.
+    `groups` (see `group_sentences`) lets consecutive word lists of one document share windows;
+    `case_feature` passes word shapes as `token_type_ids`, as the run was trained (see `add_case_types`).
     """
     import torch
 
@@ -371,18 +444,25 @@ def predict_word_logits(
         special_tokens_template(tokenizer),
         max_length,
         stride,
+        shapes=[[word_shape(w) for w in words] for words in word_lists] if case_feature else None,
     ).sorted_by_length()
     ids = features.rows["input_ids"]
     pad = tokenizer.pad_token_id
+    device = getattr(model, "device", "cpu")  # ONNX Runtime sessions take CPU tensors
     row_logits = []
     model.eval()
     with torch.inference_mode():
         for b in range(0, len(ids), batch_size):
             batch = ids[b : b + batch_size]
             width = max(len(x) for x in batch)
-            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch])
-            logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            inputs = {
+                "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in batch]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch]),
+            }
+            if case_feature:
+                types = features.rows["token_type_ids"][b : b + batch_size]
+                inputs["token_type_ids"] = torch.tensor([x + [0] * (width - len(x)) for x in types])
+            logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
             row_logits += list(logits.float().cpu().numpy())
     return [
         np.stack(v) if v else np.zeros((0, model.config.num_labels))
@@ -398,15 +478,18 @@ def find_entities(
     stride: int,
     batch_size: int = 32,
     decode: str = "viterbi",
+    case_feature: bool = False,
 ) -> list[list[dict]]:
     """Entities in raw texts: per text a list of {"type", "text", "start", "end", "score"}.
 
     `start`/`end` are character offsets into the text (text[start:end] == entity text); `score` is
-    the mean probability of the predicted tags over the entity's words; `decode` as in `decode_tags`.
+    the mean probability of the predicted tags over the entity's words; `decode` as in `decode_tags`;
+    `case_feature` as in `predict_word_logits`.
     """
     words = [split_words(t) for t in texts]
+    word_lists = [[w for w, _, _ in ws] for ws in words]
     logits = predict_word_logits(
-        model, tokenizer, [[w for w, _, _ in ws] for ws in words], max_length, stride, batch_size
+        model, tokenizer, word_lists, max_length, stride, batch_size, case_feature=case_feature
     )
     id2label = model.config.id2label
     out = []
@@ -430,8 +513,16 @@ def predict_entities(
     model, tokenizer, texts: Sequence[str], origins: Sequence[str], info: dict, batch_size: int = 32
 ) -> list[dict]:
     """`ftkit predict` rows for a token-classification run: {"origin", "text", "entities"} per text,
-    windowed and decoded as in the run (`max_length`, `stride`, `decode`; see `find_entities`)."""
+    windowed and decoded as in the run (`max_length`, `stride`, `decode`, `case_feature`; see
+    `find_entities`)."""
     found = find_entities(
-        model, tokenizer, texts, info["max_length"], info["stride"], batch_size, info.get("decode", "viterbi")
+        model,
+        tokenizer,
+        texts,
+        info["max_length"],
+        info["stride"],
+        batch_size,
+        info.get("decode", "viterbi"),
+        info.get("case_feature", False),
     )
     return [{"origin": o, "text": t, "entities": e} for o, t, e in zip(origins, texts, found, strict=True)]

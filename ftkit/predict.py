@@ -47,9 +47,16 @@ def load_run(run_dir: str | Path):
         from peft import PeftModel
 
         config = AutoConfig.from_pretrained(run_dir)  # carries the label maps and head size
-        base = model_cls.from_pretrained(
-            resolve_model_path(info.get("base_model")), config=config, use_safetensors=True
-        )
+        base_path = resolve_model_path(info.get("base_model"))
+        if info.get("case_feature"):
+            # NER case types: the base loads with its own token-type table, grown as in training; the
+            # adapter then brings the trained one.
+            config.type_vocab_size = AutoConfig.from_pretrained(base_path).type_vocab_size
+        base = model_cls.from_pretrained(base_path, config=config, use_safetensors=True)
+        if info.get("case_feature"):
+            from ftkit.ner import add_case_types
+
+            add_case_types(base)
         model = PeftModel.from_pretrained(base, run_dir / "adapter")
     else:
         raise DataError(f"{run_dir}: no model.safetensors and no adapter/ folder: nothing to load")

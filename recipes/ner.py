@@ -43,12 +43,14 @@ from ftkit.models import (
 )
 from ftkit.ner import (
     CONTEXTS,
+    add_case_types,
     decode_tags,
     encode_sentences,
     entity_metrics,
     entity_report,
     label_list,
     merge_windows,
+    use_case_feature,
 )
 from ftkit.predict import write_rows
 from ftkit.reliability import (
@@ -114,6 +116,14 @@ class DataArguments:
             "choices": ["viterbi", "argmax"],
         },
     )
+    case_feature: str = field(
+        default="auto",
+        metadata={
+            "help": "Give the model each word's capitalization (token types: no capital, Capitalized, ALL CAPS, "
+            "miXed). auto: on when the tokenizer lowercases (an uncased model) and the model has token types.",
+            "choices": ["auto", "on", "off"],
+        },
+    )
     context: str = field(
         default="document",
         metadata={
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     training_args.output_dir = str(run_dir / "checkpoints")
     model_path = resolve_model_path(model_args.model_name_or_path)
 
-    # ---- Data: load (IOB2), label set, windows of sub-tokens ------------------------------------
+    # ---- Data: load (IOB2), label set --------------------------------------------------------------
     splits, source = load_tagged_splits(
         **{
             k: getattr(data_args, k)
@@ -184,32 +194,49 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {split: len(sentences) for split, sentences in splits.items()}
     logger.info("data: %s; sentences %s; labels %s", source, rows, names)
 
+    # ---- Tokenizer, model (+ case types), windows of sub-tokens ----------------------------------
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
+    model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
+    # An uncased tokenizer turns "Paris" into "paris" and drops NER's strongest cue. Each word's shape
+    # goes back in through the token-type embeddings (measured on CoNLL-2003: see recipes/README.md).
+    case_feature = use_case_feature(data_args.case_feature, tokenizer, model)
+    if case_feature:
+        add_case_types(model)
     features = {
         split: encode_sentences(
-            tokenizer, sentences, data_args.max_length, data_args.stride, data_args.context, label2id
+            tokenizer,
+            sentences,
+            data_args.max_length,
+            data_args.stride,
+            data_args.context,
+            label2id,
+            case_feature,
         )
         for split, sentences in splits.items()
     }
     ds = {split: datasets.Dataset.from_dict(f.rows) for split, f in features.items()}
     windowed = {split: f.n_long for split, f in features.items()}
     logger.info(
-        "sentences longer than one window of %d (split into windows, stride %d): %s; windows %s",
+        "sentences longer than one window of %d (split into windows, stride %d): %s; windows %s; "
+        "case feature %s",
         data_args.max_length,
         data_args.stride,
         windowed,
         {split: len(f.windows) for split, f in features.items()},
+        case_feature,
     )
 
-    # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
-    model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
+    # ---- LoRA and Trainer -------------------------------------------------------------------------
     # No dropout on attention probabilities: with it, attention on a CPU leaves the fused SDPA kernel
     # (measured here: ~15% of a training step). Matches BERT-style modules; others are left as they are.
     for name, module in model.named_modules():
         if name.endswith("attention.self.dropout"):
             module.p = 0.0
     model.config.attention_probs_dropout_prob = 0.0
-    model = add_lora(model, lora_config(model_args, TASK))
+    peft_config = lora_config(model_args, TASK)
+    if peft_config and case_feature:  # the new token types train (and are saved) with the adapter
+        peft_config.modules_to_save.append("token_type_embeddings")
+    model = add_lora(model, peft_config)
 
     # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
     callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
@@ -271,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
             "stride": data_args.stride,
             "context": data_args.context,
             "decode": data_args.decode,
+            "case_feature": case_feature,  # ftkit predict passes word shapes as token_type_ids
             "labels": names,
         }
         write_json(run_dir / RUN_FILE, run_info)

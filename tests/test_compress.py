@@ -250,6 +250,35 @@ def test_pruned_int8_token_classification(tiny_model, tmp_path, texts):
     assert (int8.argmax(-1) == fp32.argmax(-1))[mask].mean() >= 0.8
 
 
+def test_onnx_of_a_case_feature_ner_run_takes_the_word_shapes(tiny_model, tmp_path, texts):
+    from ftkit.ner import add_case_types, predict_word_logits
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForTokenClassification.from_pretrained(tiny_model, num_labels=3).eval()
+    add_case_types(model)
+    with torch.no_grad():  # as after training: each case type has an embedding of its own
+        model.bert.embeddings.token_type_embeddings.weight.normal_()
+    run = _write_run(model, tok, tmp_path / "ner-cased", task="token-classification")
+    info = json.loads((run / "ftkit_run.json").read_text())
+    (run / "ftkit_run.json").write_text(json.dumps({**info, "case_feature": True}))
+
+    out = compress.export_onnx(run, tmp_path / "ner-cased-onnx", texts=texts)
+    onnx_model = compress.load_compressed(out)
+    assert [i.name for i in onnx_model.session.get_inputs()] == [
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    ]
+    words = [["Anna", "Berg", "visited", "NATO", "in", "Tokyo", "."], ["Reuters", "said", "so"]]
+    expected = predict_word_logits(model, tok, words, 64, 8, case_feature=True)
+    got = predict_word_logits(onnx_model, tok, words, 64, 8, case_feature=True)
+    for x, y in zip(got, expected, strict=True):
+        assert np.abs(x - y).max() <= compress.ONNX_ATOL
+    blind = predict_word_logits(onnx_model, tok, words, 64, 8)  # word shapes missing: other logits
+    assert not np.allclose(blind[0], expected[0], atol=compress.ONNX_ATOL)
+
+
 def test_compress_needs_texts_for_pruning(cls_run, tmp_path):
     with pytest.raises(ValueError, match="validation texts"):
         compress.compress_run(cls_run, tmp_path / "x", prune_heads=0.3)

@@ -1,11 +1,15 @@
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from ftkit import DataError
 from ftkit.conll import Sentence, read_conll
 from ftkit.ner import (
+    CASE_TYPES,
+    add_case_types,
     count_invalid,
     decode_tags,
     encode_pieces,
@@ -19,7 +23,9 @@ from ftkit.ner import (
     plan_windows,
     score_spans,
     split_words,
+    use_case_feature,
     word_pieces,
+    word_shape,
 )
 from ftkit.text import special_tokens_template
 
@@ -249,3 +255,65 @@ def test_property_viterbi_is_valid_and_agrees_with_a_valid_argmax(rows):
     assert score(best) >= score(repaired) - 1e-9
     if count_invalid([argmax]) == 0:
         assert score(best) == pytest.approx(score(argmax))
+
+
+def test_word_shapes():
+    shapes = {
+        w: CASE_TYPES[word_shape(w)] for w in ["paris", "Paris", "NATO", "U.S.", "A", "iPhone", "3-1", ","]
+    }
+    assert shapes == {
+        "paris": "no capital",
+        "Paris": "Capitalized",
+        "NATO": "ALL CAPS",
+        "U.S.": "ALL CAPS",
+        "A": "Capitalized",
+        "iPhone": "miXed",
+        "3-1": "no capital",
+        ",": "no capital",
+    }
+
+
+def test_case_feature_types_every_sub_token_of_a_word(tok):
+    sentence = Sentence(["EU", "rejects", "Zanzibar", "call", "."], ["B-ORG", "O", "B-LOC", "O", "O"])
+    label2id = {x: i for i, x in enumerate(label_list([sentence]))}
+    plain = encode_sentences(tok, [sentence], 64, 8, label2id=label2id)
+    cased = encode_sentences(tok, [sentence], 64, 8, label2id=label2id, case_feature=True)
+    assert "token_type_ids" not in plain.rows
+    assert cased.rows["input_ids"] == plain.rows["input_ids"] and cased.rows["labels"] == plain.rows["labels"]
+    pieces = word_pieces(tok, [sentence.tokens])[0]
+    expected = [0] + [word_shape(w) for w, p in zip(sentence.tokens, pieces, strict=True) for _ in p] + [0]
+    assert cased.rows["token_type_ids"] == [expected]
+    assert len(pieces[2]) > 1 and expected.count(1) == len(pieces[2])  # all of "Zanzibar", nothing else
+
+
+def test_add_case_types_starts_from_the_pretrained_model(tiny_model, tok):
+    model = AutoModelForTokenClassification.from_pretrained(tiny_model, num_labels=3).eval()
+    batch = tok(["Anna visited NATO in Paris"], return_tensors="pt")
+    before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    add_case_types(model)
+    assert model.config.type_vocab_size == len(CASE_TYPES)
+    types = torch.arange(batch["input_ids"].numel()).remainder(len(CASE_TYPES)).view_as(batch["input_ids"])
+    after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=types)
+    torch.testing.assert_close(after.logits, before, atol=1e-6, rtol=0)
+    # A new token type is a parameter of its own: training can move it away from type 0.
+    with torch.no_grad():
+        model.bert.embeddings.token_type_embeddings.weight[2] += 1.0
+    moved = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=types)
+    assert not torch.allclose(moved.logits, before)
+
+
+def test_case_feature_auto_follows_the_tokenizer_and_model(tiny_model, tok):
+    from transformers import DistilBertConfig, DistilBertForTokenClassification
+
+    bert = AutoModelForTokenClassification.from_pretrained(tiny_model, num_labels=3)
+    assert use_case_feature("auto", tok, bert)  # the tiny tokenizer lowercases, as MiniLM's does
+    assert not use_case_feature("off", tok, bert)
+    cased = AutoTokenizer.from_pretrained(tiny_model, do_lower_case=False)
+    cased.backend_tokenizer.normalizer = None  # a cased tokenizer keeps "Paris" apart from "paris"
+    assert not use_case_feature("auto", cased, bert) and use_case_feature("on", cased, bert)
+    distil = DistilBertForTokenClassification(
+        DistilBertConfig(vocab_size=400, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=3)
+    )
+    assert not use_case_feature("auto", tok, distil)  # no token types to carry it
+    with pytest.raises(DataError, match="no token-type embeddings"):
+        use_case_feature("on", tok, distil)

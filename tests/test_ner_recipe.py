@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -86,6 +87,7 @@ def test_run_directory_and_word_level_results(full_run):
     assert saved["test_f1"] > 0.5, saved["test_f1"]
     info = json.loads((out / "ftkit_run.json").read_text())
     assert info["task"] == "token-classification" and info["context"] == "document" and info["stride"] == 8
+    assert info["case_feature"] is True  # auto: the tiny tokenizer lowercases, as MiniLM's does
     assert info["labels"] == ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     assert "test_f1" in (out / "README.md").read_text()
 
@@ -112,6 +114,10 @@ def test_training_changed_the_encoder(full_run, tiny_model):
     assert not torch.equal(before[key], after["bert." + key])
     model = AutoModelForTokenClassification.from_pretrained(out)
     assert model.config.id2label[7] == "B-PER" and model.config.num_labels == 9
+    # The case types started as copies of type 0 and learned something of their own.
+    types = after["bert.embeddings.token_type_embeddings.weight"]
+    assert types.shape[0] == model.config.type_vocab_size == 4
+    assert all(not torch.allclose(types[k], types[0]) for k in (1, 2))
 
 
 def test_predict_entities_on_raw_text(full_run):
@@ -126,8 +132,13 @@ def test_predict_entities_on_raw_text(full_run):
         assert all(r["text"][e["start"] : e["end"]] == e["text"] for e in r["entities"])
     # The tags behind predict equal the recipe's own test predictions (same windows, same model).
     first = json.loads((out / "test_predictions.jsonl").read_text().splitlines()[0])
-    logits = predict_word_logits(model, tok, [first["tokens"]], info["max_length"], info["stride"])
+    logits = predict_word_logits(
+        model, tok, [first["tokens"]], info["max_length"], info["stride"], case_feature=True
+    )
     assert decode_tags(logits[0], info["labels"], info["decode"]) == first["pred"]
+    # Without the word shapes the same model sees other inputs: the case feature is really used.
+    blind = predict_word_logits(model, tok, [first["tokens"]], info["max_length"], info["stride"])
+    assert not np.allclose(blind[0], logits[0])
 
 
 def test_lora_sentence_context_reloads_identically(tiny_model, tmp_path):
@@ -147,6 +158,7 @@ def test_lora_sentence_context_reloads_identically(tiny_model, tmp_path):
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any("lora_A" in k for k in adapter) and any("classifier" in k for k in adapter)
     assert not any(k.endswith("query.base_layer.weight") for k in adapter), "base weights stay out"
+    assert any("token_type_embeddings" in k for k in adapter), "the case types train with the adapter"
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "lora_B starts at 0"
     base = load_file(Path(tiny_model) / "model.safetensors")
     merged = load_file(out / "model.safetensors")
@@ -159,13 +171,13 @@ def test_lora_sentence_context_reloads_identically(tiny_model, tmp_path):
     (out / "merged.bak").rename(out / "model.safetensors")
     merged_model, _, _ = load_run(out)
     words = [["Anna", "Berg", "visited", "Tokyo", "."], ["Reuters", "said", "so"]]
-    a = predict_word_logits(adapter_model, tok, words, info["max_length"], info["stride"])
-    m = predict_word_logits(merged_model, tok, words, info["max_length"], info["stride"])
+    a = predict_word_logits(adapter_model, tok, words, info["max_length"], info["stride"], case_feature=True)
+    m = predict_word_logits(merged_model, tok, words, info["max_length"], info["stride"], case_feature=True)
     for x, y in zip(a, m, strict=True):
         torch.testing.assert_close(torch.from_numpy(x), torch.from_numpy(y), atol=1e-5, rtol=0)
     rows = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     again = predict_word_logits(
-        adapter_model, tok, [r["tokens"] for r in rows], info["max_length"], info["stride"]
+        adapter_model, tok, [r["tokens"] for r in rows], info["max_length"], info["stride"], case_feature=True
     )
     assert [decode_tags(x, info["labels"], info["decode"]) for x in again] == [r["pred"] for r in rows]
 
@@ -247,3 +259,10 @@ def test_two_processes_train_one_model_and_eval_sees_every_word_once(tiny_model,
     assert results["eval_words"] == n_words("valid") and results["test_words"] == n_words("test")
     rows = (out / "test_predictions.jsonl").read_text().splitlines()
     assert len(rows) == len(read_conll(DATA / "test.conll"))
+
+
+def test_case_feature_off_keeps_the_pretrained_token_types(tiny_model, tmp_path):
+    out = tmp_path / "off"
+    ner.main(recipe_args(tiny_model, out, "--case_feature", "off", "--max_steps", "2"))
+    assert json.loads((out / "ftkit_run.json").read_text())["case_feature"] is False
+    assert AutoModelForTokenClassification.from_pretrained(out).config.type_vocab_size == 2
