@@ -97,3 +97,35 @@ def gemm_peak(n: int = 4096, repeats: int = 5, dtype: str = "float32") -> dict:
         "gflops_best": flops / min(times) / 1e9,
         "gflops_median": flops / sorted(times)[len(times) // 2] / 1e9,
     }
+
+
+def onnxruntime_gemm_peak(n: int = 4096, repeats: int = 5, threads: int | None = None) -> dict:
+    """GFLOP/s of the same n x n x n fp32 product in ONNX Runtime (its MLAS kernels), best of `repeats`.
+
+    A second opinion on the hardware: torch's CPU GEMM is MKL's, whose code path on some CPUs (seen:
+    AMD Zen 5) reaches half of what MLAS does, so "the peak" torch measures is torch's ceiling there.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    spec = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ABC"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm", spec[:2], spec[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {
+        "A": rng.standard_normal((n, n), dtype=np.float32),
+        "B": rng.standard_normal((n, n), dtype=np.float32),
+    }
+    session.run(None, feed)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return {"n": n, "threads": options.intra_op_num_threads, "gflops_best": 2 * n**3 / min(times) / 1e9}

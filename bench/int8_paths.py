@@ -5,7 +5,9 @@
 
 Candidates: transformers.pipeline fp32 (the baseline), PyTorch fp32 eager, torch.ao quantize_dynamic
 (deprecated in torch 2.13, for reference), torchao Int8DynamicActivationInt8WeightConfig in eager mode (if
-torchao is installed), ONNX Runtime fp32 and ONNX Runtime dynamic int8 (ftkit's path). Each round runs every
+torchao is installed), ONNX Runtime fp32 and ONNX Runtime dynamic int8 (ftkit's path: eager attention traced
+into the graph), beside two int8 alternatives: the SDPA attention traced, and ONNX Runtime's transformer
+optimizer fusions applied before quantizing. Each round runs every
 candidate over the same batches (batch 32, 128-token texts); the median texts/s is printed with the label
 agreement and the largest logit difference against PyTorch fp32.
 """
@@ -75,10 +77,21 @@ def main(argv: list[str] | None = None) -> None:
         quantize_(tao, Int8DynamicActivationInt8WeightConfig())
         candidates["torchao int8 dynamic, eager"] = torch_fn(tao)
     tmp = Path(tempfile.mkdtemp())
-    _export(model, tmp / "model.onnx", batches[0])
+    _export(model, tmp / "model.onnx", batches[0])  # ftkit's: eager attention traced
     quantize_onnx(tmp / "model.onnx", tmp / "model.int8.onnx")
+    _export(model, tmp / "sdpa.onnx", batches[0], attention="sdpa")
+    quantize_onnx(tmp / "sdpa.onnx", tmp / "sdpa.int8.onnx")
+    # ONNX Runtime's transformer optimizer (fused SkipLayerNorm, BiasGelu) before quantizing.
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    config = model.config
+    fused = optimize_model(str(tmp / "model.onnx"), "bert", config.num_attention_heads, config.hidden_size)
+    fused.save_model_to_file(str(tmp / "fused.onnx"))
+    quantize_onnx(tmp / "fused.onnx", tmp / "fused.int8.onnx")
     for name, file in (
         ("onnxruntime fp32", "model.onnx"),
+        ("onnxruntime int8, SDPA attention traced", "sdpa.int8.onnx"),
+        ("onnxruntime int8, transformer optimizer fusions", "fused.int8.onnx"),
         ("onnxruntime dynamic int8 (ftkit)", "model.int8.onnx"),
     ):
         session = onnx_session(tmp / file)

@@ -6,6 +6,7 @@ tokens per step. The bench puts it in place of `Trainer` in a recipe module (`re
 ProbeTrainer`) and wraps the recipe's top-level steps with `time_calls`, so the recipe runs
 unmodified. Every evaluation during training adds a point to the curve:
 (training seconds so far, metrics), where training seconds exclude evaluation and checkpoint time.
+With `PROBE.stop_at` set, training ends at the first evaluation that reaches its target.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Probe:
     in_train: bool = False
     last_backward_end: float = 0.0
     shape: ModelShape | None = None  # of the model being trained, for the FLOPs count
+    stop_at: dict | None = None  # {"metric", "target"}: end training at the first evaluation reaching it
 
     def reset(self) -> None:
         self.__init__()
@@ -76,12 +78,23 @@ class _OptimizerTimer(TrainerCallback):
         PROBE.add("optimizer", time.perf_counter() - PROBE.last_backward_end)
 
 
+class _StopAtTarget(TrainerCallback):
+    """Ends training at the first evaluation whose metric reaches `PROBE.stop_at["target"]`."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(PROBE.stop_at["metric"])
+        if value is not None and value >= PROBE.stop_at["target"] - 1e-9:
+            control.should_training_stop = True
+
+
 class ProbeTrainer(Trainer):
     """A Trainer that records phase times, token counts and the validation curve in `PROBE`."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(_OptimizerTimer())
+        if PROBE.stop_at:
+            self.add_callback(_StopAtTarget())
         PROBE.shape = model_shape(self.model)
 
     def train(self, *args, **kwargs):

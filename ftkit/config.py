@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,10 +46,12 @@ def load_yaml_config(path: str | Path, known: set[str]) -> dict[str, Any]:
     return values
 
 
-def _has_accelerator() -> bool:
+def cpu_only() -> bool:
+    """True when torch sees no GPU (CUDA/ROCm, XPU or Apple MPS): training runs on the CPU."""
     import torch
 
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return not (torch.cuda.is_available() or xpu or torch.backends.mps.is_available())
 
 
 def parse_args(
@@ -71,10 +72,6 @@ def parse_args(
     known = {f.name for t in types for f in dataclasses.fields(t)}
     config_path, rest = _split_config_flag(argv)
     merged = dict(defaults or {})
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "use_cpu" in known and not _has_accelerator():
-        # transformers 5.x on a CPU-only machine otherwise runs a multi-process launch as independent
-        # ranks without DDP (each trains on its own shard); use_cpu makes accelerate set up gloo + DDP.
-        merged["use_cpu"] = True
     if config_path:
         merged.update(load_yaml_config(config_path, known))
     # Values go through argparse as strings, so YAML and CLI give identical types and validation.

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
-import torch
 from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
 
 from ftkit import DataError
-from ftkit.config import parse_args, to_dict
+from ftkit.config import cpu_only, parse_args, to_dict
 from ftkit.conll import SCHEMES, load_tagged_splits, write_conll
 from ftkit.data import fingerprint
 from ftkit.models import (
@@ -142,7 +141,8 @@ class DataArguments:
 
 # The recipe's own TrainingArguments defaults (= recipes/configs/ner.yaml); a --config YAML and the CLI override them.
 TRAINING_DEFAULTS = {
-    "num_train_epochs": 1.5,
+    # 3 epochs: test F1 0.879 -> with the case feature 0.894, in 9 minutes on 2 cores (recipes/README.md).
+    "num_train_epochs": 3,
     "learning_rate": 2e-4,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 32,
@@ -160,8 +160,9 @@ TRAINING_DEFAULTS = {
     # large in a multi-process run (transformers issue #37474).
     "average_tokens_across_devices": False,
     # Without a GPU, use_cpu makes accelerate set up a multi-process launch (accelerate --multi_gpu,
-    # torchrun) as gloo ranks with DDP; ddp_backend=gloo alone gives ranks that never sync gradients.
-    "use_cpu": not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+    # torchrun) as gloo ranks with DDP (ddp_backend=gloo alone gives ranks that never sync gradients),
+    # and lets `--bf16 true` train in bf16 autocast on the CPU.
+    "use_cpu": cpu_only(),
 }
 
 

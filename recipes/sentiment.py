@@ -26,7 +26,7 @@ import numpy as np
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
 
 from ftkit import DataError
-from ftkit.config import parse_args, to_dict
+from ftkit.config import cpu_only, parse_args, to_dict
 from ftkit.data import check_labels, fingerprint, label_key, label_maps, load_text_splits, to_datasets
 from ftkit.losses import class_weights, weighted_cross_entropy
 from ftkit.metrics import (
@@ -196,6 +196,10 @@ TRAINING_DEFAULTS = {
     # takes no token count, BERT heads included: gradients and logged losses come out N times too
     # large in a multi-process run (transformers issue #37474).
     "average_tokens_across_devices": False,
+    # Without a GPU, use_cpu makes accelerate set up a multi-process launch (accelerate --multi_gpu,
+    # torchrun) as gloo ranks with DDP (ddp_backend=gloo alone gives ranks that never sync gradients),
+    # and lets `--bf16 true` train in bf16 autocast on the CPU.
+    "use_cpu": cpu_only(),
 }
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
 
 from ftkit import DataError
-from ftkit.config import parse_args, to_dict
+from ftkit.config import cpu_only, parse_args, to_dict
 from ftkit.data import check_labels, fingerprint, label_maps, load_text_splits, to_datasets
 from ftkit.metrics import classification_scores, confusion, per_class_report, softmax
 from ftkit.models import (
@@ -151,6 +151,10 @@ TRAINING_DEFAULTS = {
     # takes no token count, BERT heads included: gradients and logged losses come out N times too
     # large in a multi-process run (transformers issue #37474).
     "average_tokens_across_devices": False,
+    # Without a GPU, use_cpu makes accelerate set up a multi-process launch (accelerate --multi_gpu,
+    # torchrun) as gloo ranks with DDP (ddp_backend=gloo alone gives ranks that never sync gradients),
+    # and lets `--bf16 true` train in bf16 autocast on the CPU.
+    "use_cpu": cpu_only(),
 }
 
 

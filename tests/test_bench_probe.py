@@ -62,3 +62,26 @@ def test_time_to_reach_and_speedup():
         {"metric": "eval_accuracy", "final_metric": 0.9, "curve": ftk},
     )
     assert out["baseline_seconds"] == 20 and out["ftkit_seconds"] == 4 and out["speedup"] == 5
+
+
+@pytest.mark.parametrize(("target", "steps"), [(0.0, 1), (1e9, 4)])
+def test_stop_at_target_ends_training_at_the_first_evaluation_reaching_it(
+    tiny_model, tmp_path, target, steps
+):
+    tok = load_tokenizer(tiny_model)
+    ds = Dataset.from_dict({"input_ids": [[2, 7, 7, 3]] * 8, "labels": [0, 1] * 4}).map(
+        lambda r: {"attention_mask": [1] * len(r["input_ids"])}
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, eval_strategy="steps",
+        eval_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    PROBE.reset()
+    PROBE.stop_at = {"metric": "eval_loss", "target": target}  # a loss is >= 0: reached at once
+    trainer = ProbeTrainer(
+        model=model, args=args, train_dataset=ds, eval_dataset=ds, data_collator=DataCollatorWithPadding(tok)
+    )
+    trainer.train()
+    assert trainer.state.global_step == steps and len(PROBE.curve) == steps
+    PROBE.reset()
