@@ -5,7 +5,8 @@
 
 Variants (written next to the run as R-int8, R-p25, R-p25-int8, ...): int8 alone, then for each level that fraction
 of attention heads and of FFN neurons removed (importance on the validation texts), recovered by
-distillation on the training texts, and quantized to int8. The table comes from bench/predict_speed.py.
+distillation on the training texts (kept only if it brings the model closer to the unpruned one on the
+validation texts), and quantized to int8. The table comes from bench/predict_speed.py.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         compress_run(src, out, **kwargs)
         record = json.loads((out / "compress.json").read_text())
-        print(
-            f"built {out} in {time.perf_counter() - start:.0f} s, recovery loss {record.get('recover_loss_first_last')}"
-        )
+        recovery = ""
+        if record.get("recover_gap_before_after"):
+            before, after = record["recover_gap_before_after"]
+            kept = "kept" if record["recover_kept"] else "dropped"
+            recovery = (
+                f"; recovery {kept}: distillation gap on the importance texts {before:.4f} -> {after:.4f}"
+            )
+        print(f"built {out} in {time.perf_counter() - start:.0f} s{recovery}")
 
     name = args.run.parent / args.run.name
     variants = [Path(f"{name}-int8")]

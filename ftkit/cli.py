@@ -150,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-ffn", dest="prune_ffn", type=float, default=0.0, help="share of FFN neurons to remove"
     )
     p.add_argument(
-        "--recover-steps", dest="recover_steps", type=int, default=0, help="distillation steps after pruning"
+        "--recover-steps",
+        dest="recover_steps",
+        type=int,
+        default=0,
+        help="distillation steps after pruning, kept only if they bring the model closer to the unpruned one "
+        "on --texts (a held-out check when --recover-texts are other texts)",
     )
     p.add_argument(
         "--merge-lora", dest="merge_lora", action="store_true", help="merge a LoRA adapter into the base"

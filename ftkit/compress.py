@@ -10,9 +10,9 @@ Every function reads a run directory (see the run-directory contract) and writes
 `ftkit.predict.predict_texts` runs any of them (batched, length-sorted).
 
 int8 goes through ONNX Runtime dynamic quantization (per-channel int8 weights, int8 activations quantized
-per batch at run time). On the 2-core Xeon this project measures on, it ran MiniLM-L6 at about 3x the
-throughput of a fp32 `transformers.pipeline`, while torchao's int8 dynamic config ran slower than fp32 in
-eager mode and needs torch.compile to pay off (see README). A compressed run holds only safetensors or
+per batch at run time). On 2 CPU cores it ran MiniLM-L6 fine-tuned on BBC News at 3.4x the throughput of a
+fp32 `transformers.pipeline` at the same test accuracy, while torchao's int8 dynamic config ran slower than
+fp32 in eager mode and needs torch.compile to pay off (bench/README.md). A compressed run holds only safetensors or
 ONNX (protobuf) files plus JSON, so loading it never unpickles anything.
 """
 
@@ -220,27 +220,32 @@ def _task_loss(model, logits: torch.Tensor, attention_mask: torch.Tensor) -> tor
 def _batches(
     tokenizer, texts: Sequence[str], batch_size: int, max_length: int, case_feature: bool = False
 ) -> list[dict]:
-    """Padded batches of `texts`; with `case_feature` (NER runs on uncased models) each sub-token's
-    `token_type_ids` is the shape of the word it belongs to, as the run was trained."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, return_offsets_mapping=True)
-    keys = ["input_ids", "attention_mask"]
+    """Padded batches of `texts`. With `case_feature` (NER runs on uncased models) the rows are built as
+    `ftkit predict` builds them: words from `split_words`, each sub-token's `token_type_ids` the shape of
+    its word, texts longer than `max_length` as windows."""
     if case_feature:
-        from ftkit.ner import word_shape
+        from ftkit.ner import encode_pieces, split_words, word_pieces, word_shape
+        from ftkit.text import special_tokens_template
 
-        keys.append("token_type_ids")
-        enc["token_type_ids"] = []
-        for i, text in enumerate(texts):
-            spans: dict[int, tuple[int, int]] = {}  # word -> (first char, last char + 1)
-            for w, (a, b) in zip(enc.word_ids(i), enc["offset_mapping"][i], strict=True):
-                if w is not None:
-                    spans[w] = (spans.get(w, (a, b))[0], b)
-            shape = {w: word_shape(text[a:b]) for w, (a, b) in spans.items()}
-            enc["token_type_ids"].append([0 if w is None else shape[w] for w in enc.word_ids(i)])
-    out = []
-    for start in range(0, len(texts), batch_size):
-        rows = {k: enc[k][start : start + batch_size] for k in keys}
-        out.append(dict(tokenizer.pad(rows, return_tensors="pt")))
-    return out
+        words = [[w for w, _, _ in split_words(t)] for t in texts]
+        features = encode_pieces(
+            word_pieces(tokenizer, words),
+            [[i] for i in range(len(words))],
+            special_tokens_template(tokenizer),
+            max_length,
+            stride=0,
+            shapes=[[word_shape(w) for w in ws] for ws in words],
+        )
+        rows = {k: features.rows[k] for k in ("input_ids", "token_type_ids")}
+        rows["attention_mask"] = [[1] * len(ids) for ids in rows["input_ids"]]
+    else:
+        rows = dict(tokenizer(list(texts), truncation=True, max_length=max_length))
+    keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if case_feature else [])
+    n = len(rows["input_ids"])
+    return [
+        dict(tokenizer.pad({k: rows[k][start : start + batch_size] for k in keys}, return_tensors="pt"))
+        for start in range(0, n, batch_size)
+    ]
 
 
 def estimate_importance(model, batches: Sequence[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -327,11 +332,37 @@ def prune_model(model, keep_heads: list[list[int]], keep_ffn: list[list[int]]) -
     ]
 
 
-def recover(model, teacher, batches: Sequence[dict], steps: int, lr: float = 5e-5) -> list[float]:
+def _distillation_loss(model, logits: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor):
+    """KL(teacher || student) per text (per real token for token classification); MSE for regression."""
+    if model.config.num_labels == 1:
+        return F.mse_loss(logits, target)
+    keep = attention_mask.bool() if logits.dim() == 3 else slice(None)
+    return F.kl_div(
+        F.log_softmax(logits[keep], -1),
+        F.log_softmax(target[keep], -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+@torch.inference_mode()
+def distillation_gap(model, teacher, batches: Sequence[dict]) -> float:
+    """Mean distillation loss of `model` against `teacher` over `batches`, both in eval mode."""
+    model.eval()
+    losses = [
+        _distillation_loss(model, model(**b).logits, teacher(**b).logits, b["attention_mask"]).item()
+        for b in batches
+    ]
+    return float(np.mean(losses))
+
+
+def recover(model, teacher, batches: Sequence[dict], steps: int, lr: float = 1e-5) -> list[float]:
     """Short recovery fine-tuning of a pruned model by distillation from the unpruned `teacher`.
 
     The target is the teacher's output (KL on softmax; MSE for regression), so any unlabeled texts work.
-    Returns the loss per step.
+    The learning rate is low because AdamW's first steps move every weight by about `lr`; even so, a
+    lightly pruned model can end further from its teacher on held-out texts (bench/README.md), which is
+    why `compress_run` checks. Returns the loss per step.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -340,17 +371,7 @@ def recover(model, teacher, batches: Sequence[dict], steps: int, lr: float = 5e-
         batch = batches[step % len(batches)]
         with torch.no_grad():
             target = teacher(**batch).logits
-        logits = model(**batch).logits
-        if model.config.num_labels == 1:
-            loss = F.mse_loss(logits, target)
-        else:
-            keep = batch["attention_mask"].bool() if logits.dim() == 3 else slice(None)
-            loss = F.kl_div(
-                F.log_softmax(logits[keep], -1),
-                F.log_softmax(target[keep], -1),
-                log_target=True,
-                reduction="batchmean",
-            )
+        loss = _distillation_loss(model, model(**batch).logits, target, batch["attention_mask"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -370,7 +391,7 @@ def _export(model, path: Path, example: dict, attention: str = "eager") -> None:
     dim = torch.export.Dim.DYNAMIC
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in example]
     # Plain matmul + softmax attention: ONNX Runtime runs its graph faster than the exported SDPA's
-    # (int8 MiniLM-L6 on BBC: 236 vs 193 texts/s, bench/int8_paths.py); the outputs are the same.
+    # (int8 MiniLM-L6 on BBC: 206 vs 159 texts/s, bench/int8_paths.py); the outputs are the same.
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention)
     try:
@@ -506,11 +527,22 @@ def compress_run(
             layers=layers, prune_heads=prune_heads, prune_ffn=prune_ffn, importance_texts=len(texts)
         )
         if recover_steps:
+            # Recovery is kept only if it brings the model closer to the teacher on the importance
+            # (validation) texts; with recover_texts from elsewhere this is a held-out check.
             recover_batches = _batches(
                 tokenizer, recover_texts or texts, batch_size, max_length, case_feature
             )
-            losses = recover(model, teacher, recover_batches, recover_steps)
-            record.update(recover_steps=recover_steps, recover_loss_first_last=[losses[0], losses[-1]])
+            candidate = copy.deepcopy(model)
+            losses = recover(candidate, teacher, recover_batches, recover_steps)
+            gaps = [distillation_gap(m, teacher, batches) for m in (model, candidate)]
+            kept = gaps[1] < gaps[0]
+            model = candidate if kept else model
+            record.update(
+                recover_steps=recover_steps,
+                recover_loss_first_last_10=[float(np.mean(losses[:10])), float(np.mean(losses[-10:]))],
+                recover_gap_before_after=gaps,
+                recover_kept=kept,
+            )
         model.eval()
     _copy_run_files(run_dir, out_dir, tokenizer)
     if quantize or onnx:
