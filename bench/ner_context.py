@@ -36,7 +36,9 @@ def main() -> None:
     for context, max_length, stride in SETTINGS:
         start = time.perf_counter()
         groups = group_sentences([s.doc_id for s in sentences], context)
-        logits = predict_word_logits(model, tokenizer, words, max_length, stride, 32, groups)
+        logits = predict_word_logits(
+            model, tokenizer, words, max_length, stride, 32, groups, info.get("case_feature", False)
+        )
         pred = [decode_tags(x, info["labels"], info.get("decode", "viterbi")) for x in logits]
         m = entity_metrics(gold, pred)
         row = {"context": context, "max_length": max_length, "stride": stride, "f1": round(m["f1"], 4)}

@@ -114,13 +114,18 @@ def has_token_types(model) -> bool:
 
 
 def use_case_feature(choice: str, tokenizer, model) -> bool:
-    """Resolve `--case_feature`: "on", "off", or "auto" (on for an uncased tokenizer and a model with
-    token types). "on" for a model without token types is a `DataError`."""
-    if choice == "on" and not has_token_types(model):
-        raise DataError(
-            f"--case_feature on: {type(model.base_model).__name__} has no token-type embeddings to carry it"
-        )
-    return choice == "on" or (choice == "auto" and has_token_types(model) and lowercases(tokenizer))
+    """Resolve `--case_feature`: on, off, or auto (on for an uncased tokenizer and a model with token
+    types). YAML's booleans arrive as "True"/"False" and count as on/off. "on" for a model without token
+    types, or any other value, is a `DataError`."""
+    value = str(choice).lower()
+    if value not in ("auto", "on", "off", "true", "false"):
+        raise DataError(f"--case_feature must be auto, on or off, not {choice!r}")
+    if value in ("on", "true"):
+        if not has_token_types(model):
+            name = type(model.base_model).__name__
+            raise DataError(f"--case_feature on: {name} has no token-type embeddings to carry it")
+        return True
+    return value == "auto" and has_token_types(model) and lowercases(tokenizer)
 
 
 def add_case_types(model) -> None:

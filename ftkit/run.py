@@ -23,7 +23,7 @@ RUN_FILE = "ftkit_run.json"
 # The options a model card lists (those a run has); config.yaml in the run directory holds all.
 CARD_HYPERPARAMETERS = (
     "task", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length",
-    "long_text", "stride", "context", "decode", "class_weights", "calibrate", "lr_scheduler_type",
+    "long_text", "stride", "context", "decode", "case_feature", "class_weights", "calibrate", "lr_scheduler_type",
     "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
 )  # fmt: skip
 
@@ -79,8 +79,12 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
-    """The resolved options (after defaults, YAML and CLI), reusable with `--config`."""
-    clean = json.loads(json.dumps(config, default=_jsonable))
+    """The resolved options (after defaults, YAML and CLI), reusable with `--config`.
+
+    `use_cpu` is left out: the recipes derive it from the machine, and a CPU run's config replayed on a
+    GPU machine must not pin the CPU.
+    """
+    clean = json.loads(json.dumps({k: v for k, v in config.items() if k != "use_cpu"}, default=_jsonable))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(clean, sort_keys=True), encoding="utf-8")
 
 

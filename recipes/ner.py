@@ -118,9 +118,9 @@ class DataArguments:
     case_feature: str = field(
         default="auto",
         metadata={
-            "help": "Give the model each word's capitalization (token types: no capital, Capitalized, ALL CAPS, "
-            "miXed). auto: on when the tokenizer lowercases (an uncased model) and the model has token types.",
-            "choices": ["auto", "on", "off"],
+            "help": "auto, on or off: give the model each word's capitalization (token types: no capital, "
+            "Capitalized, ALL CAPS, miXed). auto: on when the tokenizer lowercases (an uncased model) and "
+            "the model has token types."
         },
     )
     context: str = field(
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     # An uncased tokenizer turns "Paris" into "paris" and drops NER's strongest cue. Each word's shape
     # goes back in through the token-type embeddings (measured on CoNLL-2003: see recipes/README.md).
     case_feature = use_case_feature(data_args.case_feature, tokenizer, model)
+    data_args.case_feature = "on" if case_feature else "off"  # config.yaml and the model card say which
     if case_feature:
         add_case_types(model)
     features = {
@@ -334,7 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
             config=config,
             results=results,
             report_text=report_text,
-            usage=f"ftkit predict {run_dir} --input texts.txt",
+            usage=f"ftkit predict {run_dir} --input texts.txt"
+            + (
+                "\n# It passes each word's shape as token_type_ids (ftkit.ner.word_shape), as in training;"
+                "\n# transformers.pipeline would not."
+                if case_feature
+                else ""
+            ),
         )
         logger.info(
             "test entity F1 %.4f (P %.4f, R %.4f); run directory: %s",

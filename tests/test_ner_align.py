@@ -317,3 +317,7 @@ def test_case_feature_auto_follows_the_tokenizer_and_model(tiny_model, tok):
     assert not use_case_feature("auto", tok, distil)  # no token types to carry it
     with pytest.raises(DataError, match="no token-type embeddings"):
         use_case_feature("on", tok, distil)
+    # `case_feature: off` in YAML is a boolean there and reaches the option as "False".
+    assert not use_case_feature("False", tok, bert) and use_case_feature("True", cased, bert)
+    with pytest.raises(DataError, match="must be auto, on or off"):
+        use_case_feature("sometimes", tok, bert)

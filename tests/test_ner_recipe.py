@@ -88,6 +88,8 @@ def test_run_directory_and_word_level_results(full_run):
     info = json.loads((out / "ftkit_run.json").read_text())
     assert info["task"] == "token-classification" and info["context"] == "document" and info["stride"] == 8
     assert info["case_feature"] is True  # auto: the tiny tokenizer lowercases, as MiniLM's does
+    config = (out / "config.yaml").read_text()
+    assert "case_feature: 'on'" in config and "use_cpu" not in config
     assert info["labels"] == ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
     assert "test_f1" in (out / "README.md").read_text()
 
@@ -133,7 +135,7 @@ def test_predict_entities_on_raw_text(full_run):
     # The tags behind predict equal the recipe's own test predictions (same windows, same model).
     first = json.loads((out / "test_predictions.jsonl").read_text().splitlines()[0])
     logits = predict_word_logits(
-        model, tok, [first["tokens"]], info["max_length"], info["stride"], case_feature=True
+        model, tok, [first["tokens"]], info["max_length"], info["stride"], case_feature=info["case_feature"]
     )
     assert decode_tags(logits[0], info["labels"], info["decode"]) == first["pred"]
     # Without the word shapes the same model sees other inputs: the case feature is really used.
