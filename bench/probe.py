@@ -79,7 +79,8 @@ class _OptimizerTimer(TrainerCallback):
 
 
 class _StopAtTarget(TrainerCallback):
-    """Ends training at the first evaluation whose metric reaches `PROBE.stop_at["target"]`."""
+    """Ends training at the first evaluation whose metric reaches `PROBE.stop_at["target"]` (a metric
+    where higher is better: accuracy, F1)."""
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = (metrics or {}).get(PROBE.stop_at["metric"])

@@ -39,3 +39,28 @@ def test_textcls_real_model_learns_bbc_news_quickly(tmp_path):
     assert results["test_truncated"] > 150  # most BBC articles are longer than 64 tokens
     info = json.loads((out / "ftkit_run.json").read_text())
     assert info["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_ner_real_model_with_the_case_feature_learns_conll(tmp_path):
+    import ner
+
+    out = tmp_path / "conll"
+    results = ner.main(
+        ["--output_dir", str(out), "--max_steps", "60", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    # 60 steps of 8 document windows (about a third of an epoch): far above a model that learned nothing.
+    assert results["test_f1"] > 0.5 and results["test_invalid_sequences"] == 0
+    assert results["test_words"] == 46435  # every CoNLL-2003 test word scored once
+    assert json.loads((out / "ftkit_run.json").read_text())["case_feature"] is True
+
+
+def test_sentiment_real_model_beats_chance_and_calibrates(tmp_path):
+    import sentiment
+
+    out = tmp_path / "rt"
+    results = sentiment.main(
+        ["--output_dir", str(out), "--max_steps", "60", "--eval_strategy", "no", "--save_strategy", "no",
+         "--load_best_model_at_end", "false", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    assert results["test_accuracy"] > 0.7 and results["data_skipped_plot_rows"] == 1097
+    assert 0 < results["calibration_temperature"] < 5 and results["test_ece"] < 0.1
