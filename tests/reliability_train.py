@@ -212,4 +212,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # a tiny model: threads only contend on the shared 2-core machine (10x slower)
-    sys.exit(main())
+    code = main()
+    if torch.distributed.is_initialized():
+        # Left to interpreter exit, gloo's threads sometimes abort a rank ("terminate called without
+        # an active exception", SIGABRT), failing a run that did everything right.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.exit(code)
