@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
-from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
+from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments, set_seed
 
 from ftkit import DataError
 from ftkit.config import cpu_only, parse_args, to_dict
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Tokenizer, model (+ case types), windows of sub-tokens ----------------------------------
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
+    # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
+    set_seed(training_args.seed)
     model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
     # An uncased tokenizer turns "Paris" into "paris" and drops NER's strongest cue. Each word's shape
     # goes back in through the token-type embeddings (measured on CoNLL-2003: see recipes/README.md).

@@ -23,7 +23,13 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from ftkit import DataError
 from ftkit.config import cpu_only, parse_args, to_dict
@@ -346,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
+    # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
+    set_seed(training_args.seed)
     model = load_model(model_path, task, label2id, model_args.trust_remote_code)
     if regression:
         # Start the head at the mean training rating: the first steps then learn the signal, not the offset.

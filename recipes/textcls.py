@@ -18,7 +18,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from ftkit import DataError
 from ftkit.config import cpu_only, parse_args, to_dict
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
+    # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
+    set_seed(training_args.seed)
     model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
     model = add_lora(model, lora_config(model_args, TASK))
 

@@ -268,3 +268,15 @@ def test_case_feature_off_keeps_the_pretrained_token_types(tiny_model, tmp_path)
     ner.main(recipe_args(tiny_model, out, "--case_feature", "off", "--max_steps", "2"))
     assert json.loads((out / "ftkit_run.json").read_text())["case_feature"] is False
     assert AutoModelForTokenClassification.from_pretrained(out).config.type_vocab_size == 2
+
+
+def test_seed_fixes_the_new_head(tiny_model, tmp_path):
+    # learning_rate 0: the saved weights are the initial ones, so only the seeding is compared.
+    def head(name: str, seed: str) -> torch.Tensor:
+        out = tmp_path / name
+        ner.main(recipe_args(tiny_model, out, "--seed", seed, "--max_steps", "1", "--learning_rate", "0"))
+        return load_file(out / "model.safetensors")["classifier.weight"]
+
+    first, again, other = head("a", "42"), head("b", "42"), head("c", "7")
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)

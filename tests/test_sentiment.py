@@ -369,3 +369,17 @@ def test_every_shipped_sentiment_config_parses(config):
 def test_sentiment_yaml_equals_the_recipe_defaults():
     assert len(CONFIGS) >= 2
     assert parse(["--config", str(ROOT / "recipes" / "configs" / "sentiment.yaml")]) == parse([])
+
+
+def test_seed_fixes_the_new_head(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    # learning_rate 0: the saved weights are the initial ones, so only the seeding is compared.
+    def head(name: str, seed: str) -> torch.Tensor:
+        extra = ("--seed", seed, "--max_steps", "1", "--learning_rate", "0", "--eval_strategy", "no")
+        run(tiny_model, tmp_path / name, *extra, "--save_strategy", "no", "--load_best_model_at_end", "false")
+        return load_file(tmp_path / name / "model.safetensors")["classifier.weight"]
+
+    first, again, other = head("a", "42"), head("b", "42"), head("c", "7")
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)

@@ -202,3 +202,17 @@ def test_gradient_accumulation_does_not_scale_the_loss(tiny_model, fixtures, tmp
         ]
     )
     assert results["train_loss"] == pytest.approx(1.0986, abs=0.05)
+
+
+def test_seed_fixes_the_new_head(tiny_model, fixtures, tmp_path):
+    # learning_rate 0: the saved weights are the initial ones, so only the seeding is compared.
+    def head(name: str, seed: str) -> torch.Tensor:
+        out = tmp_path / name
+        extra = ("--seed", seed, "--max_steps", "1", "--learning_rate", "0", "--eval_strategy", "no")
+        extra += ("--save_strategy", "no", "--load_best_model_at_end", "false")
+        textcls.main(recipe_args(tiny_model, fixtures, out, *extra))
+        return load_file(out / "model.safetensors")["classifier.weight"]
+
+    first, again, other = head("a", "42"), head("b", "42"), head("c", "7")
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
