@@ -23,6 +23,7 @@ from transformers import (
     DataCollatorForTokenClassification,
     TrainingArguments,
     default_data_collator,
+    set_seed,
 )
 
 from ftkit.conll import load_tagged_splits
@@ -67,6 +68,7 @@ def textcls(trainer_cls, output_dir: str, dataset_name: str = "bbc-news", **over
         for split, rows in splits.items()
         if split in ("train", "validation")
     }
+    set_seed(EXAMPLE_DEFAULTS["seed"])  # as the example scripts do before the model: the new head is random
     model = AutoModelForSequenceClassification.from_pretrained(
         model_path,
         num_labels=len(labels),
@@ -120,6 +122,7 @@ def ner(trainer_cls, output_dir: str, dataset_name: str = "conll2003", **overrid
         for split, rows in splits.items()
         if split in ("train", "validation")
     }
+    set_seed(EXAMPLE_DEFAULTS["seed"])  # as the example scripts do before the model: the new head is random
     model = AutoModelForTokenClassification.from_pretrained(
         model_path,
         num_labels=len(names),
