@@ -71,11 +71,12 @@ def mfu(flops: float, seconds: float, peak_flops_per_second: float) -> float:
     return flops / seconds / peak_flops_per_second
 
 
-def gemm_peak(n: int = 4096, repeats: int = 5, dtype: str = "float32") -> dict:
+def gemm_peak(n: int = 4096, repeats: int = 5, dtype: str = "float32", backend: str = "torch") -> dict:
     """GFLOP/s of an n x n x n matrix product with torch's current thread count (best of `repeats`).
 
-    The best run, not the mean: the peak is what the hardware can do when nothing interferes;
-    load from other processes only ever lowers a run.
+    backend: `torch` is `a @ b` (MKL for fp32 in the CPU wheel), `onednn` the same product through
+    oneDNN's linear kernel, which ftkit's `--linear_backend` uses. The best run, not the mean: the
+    peak is what the hardware can do when nothing interferes; load only ever lowers a run.
     """
     import torch
 
@@ -83,16 +84,27 @@ def gemm_peak(n: int = 4096, repeats: int = 5, dtype: str = "float32") -> dict:
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dt)
     b = torch.randn(n, n, generator=gen).to(dt)
-    a @ b  # warm-up: thread pool, oneDNN/MKL kernel selection
+    if backend == "onednn":
+
+        def product():
+            return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # a @ b.T
+
+    else:
+
+        def product():
+            return a @ b
+
+    product()  # warm-up: thread pool, oneDNN/MKL kernel selection
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        product()
         times.append(time.perf_counter() - start)
     flops = 2 * n**3
     return {
         "n": n,
         "dtype": dtype,
+        "backend": backend,
         "threads": torch.get_num_threads(),
         "gflops_best": flops / min(times) / 1e9,
         "gflops_median": flops / sorted(times)[len(times) // 2] / 1e9,

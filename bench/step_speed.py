@@ -8,8 +8,9 @@ from other processes hits all of them alike; the median step per variant is repo
     python bench/step_speed.py --variants b16 b32 b16-nodrop b16-eager b16-bf16 --rounds 5
     python bench/step_speed.py --variants b16 b16-compile --steps 8
 
-Variant names: b<batch>[-nodrop|-noattdrop][-eager][-bf16][-compile][-t1] (nodrop: no dropout at
-all; noattdrop: no attention dropout; t1: one torch thread).
+Variant names: b<batch>[-nodrop|-noattdrop][-eager][-bf16][-compile][-onednn][-t1] (nodrop: no dropout
+at all; noattdrop: no attention dropout; onednn: fp32 linear layers through oneDNN; t1: one torch
+thread).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def build(variant: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(default_model_path(), **kwargs)
     model.train()
+    if "onednn" in parts:
+        from ftkit.fastlinear import use_onednn_linear
+
+        use_onednn_linear(model, "onednn")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     step_model = torch.compile(model) if "compile" in parts else model
     gen = torch.Generator().manual_seed(seed)

@@ -199,7 +199,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
-    model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
+    model = load_model(
+        model_path,
+        TASK,
+        label2id,
+        model_args.trust_remote_code,
+        attention_dropout=model_args.attention_dropout,
+        linear_backend=model_args.linear_backend,
+    )
     # An uncased tokenizer turns "Paris" into "paris" and drops NER's strongest cue. Each word's shape
     # goes back in through the token-type embeddings (measured on CoNLL-2003: see recipes/README.md).
     case_feature = use_case_feature(data_args.case_feature, tokenizer, model)
@@ -231,12 +238,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # ---- LoRA and Trainer -------------------------------------------------------------------------
-    # No dropout on attention probabilities: with it, attention on a CPU leaves the fused SDPA kernel
-    # (measured here: ~15% of a training step). Matches BERT-style modules; others are left as they are.
-    for name, module in model.named_modules():
-        if name.endswith("attention.self.dropout"):
-            module.p = 0.0
-    model.config.attention_probs_dropout_prob = 0.0
     peft_config = lora_config(model_args, TASK)
     if peft_config and case_feature:  # the new token types train (and are saved) with the adapter
         peft_config.modules_to_save.append("token_type_embeddings")

@@ -354,7 +354,14 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
-    model = load_model(model_path, task, label2id, model_args.trust_remote_code)
+    model = load_model(
+        model_path,
+        task,
+        label2id,
+        model_args.trust_remote_code,
+        attention_dropout=model_args.attention_dropout,
+        linear_backend=model_args.linear_backend,
+    )
     if regression:
         # Start the head at the mean training rating: the first steps then learn the signal, not the offset.
         head = getattr(model.classifier, "out_proj", model.classifier)

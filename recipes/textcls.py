@@ -219,7 +219,14 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
-    model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
+    model = load_model(
+        model_path,
+        TASK,
+        label2id,
+        model_args.trust_remote_code,
+        attention_dropout=model_args.attention_dropout,
+        linear_backend=model_args.linear_backend,
+    )
     model = add_lora(model, lora_config(model_args, TASK))
 
     # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).

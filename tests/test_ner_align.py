@@ -297,7 +297,9 @@ def test_add_case_types_starts_from_the_pretrained_model(tiny_model, tok):
     torch.testing.assert_close(after.logits, before, atol=1e-6, rtol=0)
     # A new token type is a parameter of its own: training can move it away from type 0.
     with torch.no_grad():
-        model.bert.embeddings.token_type_embeddings.weight[2] += 1.0
+        # Not a constant: LayerNorm right after the embeddings would subtract a uniform shift again.
+        weight = model.bert.embeddings.token_type_embeddings.weight
+        weight[2] += torch.linspace(-1.0, 1.0, weight.shape[1])
     moved = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=types)
     assert not torch.allclose(moved.logits, before)
 

@@ -1,0 +1,157 @@
+"""fp32 linear layers through oneDNN on CPU, forward and backward.
+
+torch's CPU wheel sends fp32 `nn.Linear` to MKL's sgemm. On some x86 CPUs (measured: AMD EPYC Zen 5)
+MKL runs at about half the speed of oneDNN, which the same wheel carries and uses for bf16 and for
+inference kernels. The GEMMs are 80-90% of an encoder's training step, so routing them through
+oneDNN, in full fp32, is most of the possible gain on such a CPU. `auto` measures both libraries once
+at the model's own shapes and keeps MKL where it is as fast (e.g. Intel CPUs).
+
+Only the `forward` of each `nn.Linear` instance changes: parameters, state_dict, saved files and
+module types stay as they are. The fast path is taken only for fp32 CPU tensors outside autocast,
+tracing and compilation; everything else (GPU, bf16, ONNX export) calls `F.linear` as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CHOICES = ("auto", "onednn", "torch")
+
+
+def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """a @ b_t.T through oneDNN (fp32 in, fp32 accumulate, fp32 out)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if not g2.is_contiguous():
+            g2 = g2.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _mm(g2, weight.t()).view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = _mm(g2.t(), x2.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() >= 2
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.onnx.is_in_onnx_export()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, through oneDNN when the inputs allow (fp32, CPU, eager)."""
+    if _fast_path(x, weight):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return onednn_linear(x, self.weight, self.bias)
+
+
+def available() -> bool:
+    """oneDNN is in this torch build (x86 and ARM CPU wheels have it)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _gflops(fn, flops: float, repeats: int) -> float:
+    fn()  # first call: kernel selection and caches
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+def measure(hidden: int, intermediate: int, tokens: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of torch's default fp32 linear and of oneDNN's, forward + backward at one FFN shape."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=gen, requires_grad=True)
+    w = torch.randn(intermediate, hidden, generator=gen, requires_grad=True)
+    g = torch.randn(tokens, intermediate, generator=gen)
+    flops = 3 * 2 * tokens * hidden * intermediate
+
+    def step(fn):
+        def run():
+            fn(x, w).backward(g)
+            x.grad = w.grad = None
+
+        return run
+
+    return {
+        "torch": _gflops(step(F.linear), flops, repeats),
+        "onednn": _gflops(step(lambda a, b: _OneDNNLinear.apply(a, b, None)), flops, repeats),
+    }
+
+
+def use_onednn_linear(model: nn.Module, mode: str = "auto") -> dict:
+    """Route the fp32 CPU `nn.Linear` layers of `model` through oneDNN (see the module docstring).
+
+    mode: `onednn` always (when the build has it), `torch` never, `auto` when oneDNN measures at least
+    15% faster here. Returns what was decided, with the measured GFLOP/s, for logs and results.
+    """
+    if mode not in CHOICES:
+        raise ValueError(f"linear_backend must be one of {', '.join(CHOICES)}, got {mode!r}")
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    decision: dict = {"linear_backend": "torch", "linear_layers": len(linears)}
+    if mode == "torch" or not linears or not available():
+        return decision
+    if mode == "auto":
+        if torch.cuda.is_available():  # Trainer will put the model on the GPU: nothing to gain
+            return decision
+        biggest = max(linears, key=lambda m: m.weight.numel())
+        hidden, intermediate = sorted((biggest.in_features, biggest.out_features))
+        speed = measure(hidden, intermediate)
+        decision.update({f"linear_gflops_{k}": round(v, 1) for k, v in speed.items()})
+        if speed["onednn"] < 1.15 * speed["torch"]:
+            logger.info(
+                "linear layers: torch default (oneDNN %.0f vs %.0f GFLOP/s)", speed["onednn"], speed["torch"]
+            )
+            return decision
+    for m in linears:
+        m.forward = types.MethodType(_forward, m)
+    decision["linear_backend"] = "onednn"
+    logger.info(
+        "linear layers: %d through oneDNN fp32 %s",
+        len(linears),
+        f"({decision['linear_gflops_onednn']:.0f} vs {decision['linear_gflops_torch']:.0f} GFLOP/s for torch's default)"
+        if "linear_gflops_onednn" in decision
+        else "(forced)",
+    )
+    return decision
