@@ -1,12 +1,13 @@
 """Training efficiency of ftkit's recipes against a plain-Trainer baseline and the hardware peak.
 
-    make bench                                          # quick budget: every task with a recipe, ~22 min
+    make bench                                          # quick budget: every task with a recipe, ~18 min
     python bench/train_speed.py --task textcls          # one task
     python bench/train_speed.py --task ner --full       # the full default budgets (each side's epochs)
     python bench/train_speed.py --ftkit_args --per_device_train_batch_size 32   # try a change
 
-Measured in one run on one machine: the fp32 GEMM peak (torch, same thread count as training; and
-ONNX Runtime's MLAS GEMM, the fastest fp32 GEMM found on this machine, for reference), then per task
+Measured in one run on one machine: the fp32 GEMM peak (torch, same thread count as training, through
+MKL and through oneDNN, the faster of the two being "the peak"; ONNX Runtime's MLAS GEMM for
+reference), then per task
 the baseline (bench/baseline.py: the Hugging Face example scripts' defaults) and ftkit's recipe (its
 own `main([...])`, unmodified, with `Trainer` swapped for the timing `ProbeTrainer`), each in its own
 process (clean peak RSS). The baseline trains for its budget (a fraction of an epoch for the quick
@@ -63,7 +64,7 @@ TASKS = {
 }
 # Budgets. The baseline trains `baseline_epochs` (None: its default 3) with `baseline_evals` evenly spaced
 # validation passes; ftkit runs its default schedule with `ftkit_evals` passes over it and, with
-# `stop_at_target`, stops once it reaches the baseline's final metric. Quick: 22 minutes on 2 cores
+# `stop_at_target`, stops once it reaches the baseline's final metric. Quick: 18 minutes on 2 cores
 # (2026-12-01); halving ftkit's evaluations saved 30 s there and cost resolution (sentiment 3.49x -> 2.75x).
 # Shorter baseline budgets than these measure mostly the first steps, where ftkit's warm-up (10% of its
 # full run) still holds the learning rate low: 0.1 epoch of NER gave 0.61x (0.5 epoch: 1.43x).

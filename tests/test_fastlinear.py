@@ -111,6 +111,17 @@ def test_modes(tiny_model, monkeypatch):
     assert nn.Linear.forward is forward  # the class is never touched
 
 
+def test_auto_falls_back_when_the_kernel_fails(tiny_model, monkeypatch):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mkldnn::_linear_pointwise: unsupported")
+
+    monkeypatch.setattr(fastlinear, "measure", broken)
+    assert use_onednn_linear(model, "auto")["linear_backend"] == "torch"
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
 def test_lora_wraps_patched_layers(tiny_model):
     from ftkit.models import ModelArguments, add_lora, lora_config
 
