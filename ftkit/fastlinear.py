@@ -2,8 +2,8 @@
 
 torch's CPU wheel sends fp32 `nn.Linear` to MKL's sgemm. On some x86 CPUs (measured: AMD EPYC Zen 5)
 MKL runs at about half the speed of oneDNN, which the same wheel carries and uses for bf16 and for
-inference kernels. The GEMMs are 80-90% of an encoder's training step, so routing them through
-oneDNN, in full fp32, is most of the possible gain on such a CPU. `auto` measures both libraries once
+inference kernels. Forward + backward is over 90% of an encoder's training step, most of it these
+GEMMs, so routing them through oneDNN, in full fp32, is most of the possible gain on such a CPU. `auto` measures both libraries once
 at the model's own shapes and keeps MKL where it is as fast (e.g. Intel CPUs).
 
 Only the `forward` of each `nn.Linear` instance changes: parameters, state_dict, saved files and
@@ -38,7 +38,8 @@ class _OneDNNLinear(torch.autograd.Function):
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
-        ctx.save_for_backward(x2, weight)
+        # The input is needed only for the weight's gradient (a frozen LoRA base needs none).
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
         return out.view(*x.shape[:-1], weight.shape[0])
 

@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
+    # attention_dropout and linear_backend are CPU speed options (recipes/README.md, "Speed on a CPU").
     model = load_model(
         model_path,
         TASK,

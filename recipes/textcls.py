@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
+    # attention_dropout and linear_backend are CPU speed options (recipes/README.md, "Speed on a CPU").
     model = load_model(
         model_path,
         TASK,
