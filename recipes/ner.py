@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
+from accelerate import PartialState
 from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments, set_seed
 
 from ftkit import DataError
@@ -362,3 +363,6 @@ if __name__ == "__main__":
         main()
     except (DataError, NonFiniteError) as err:
         raise SystemExit(f"error: {err}") from None
+    # Close a multi-process run's process group here: left to interpreter exit, gloo's threads can
+    # abort a rank that did everything right ("terminate called without an active exception").
+    PartialState().destroy_process_group()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from accelerate import PartialState
 from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
@@ -328,3 +329,6 @@ if __name__ == "__main__":
         main()
     except (DataError, NonFiniteError) as err:
         raise SystemExit(f"error: {err}") from None
+    # Close a multi-process run's process group here: left to interpreter exit, gloo's threads can
+    # abort a rank that did everything right ("terminate called without an active exception").
+    PartialState().destroy_process_group()

@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 import ner  # noqa: E402
 import transformers  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 
 train = transformers.Trainer.train
 
@@ -27,3 +28,5 @@ def train_and_record(self, *args, **kwargs):
 
 transformers.Trainer.train = train_and_record
 ner.main(sys.argv[1:])
+# As the recipes' __main__ does: close the process group before interpreter exit.
+PartialState().destroy_process_group()
