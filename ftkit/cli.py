@@ -37,7 +37,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
             read_run_info(args.run_dir),
         )
     else:
-        model, tokenizer, info = load_run(args.run_dir)
+        model, tokenizer, info = load_run(args.run_dir, args.linear_backend)
     if info["task"] == "token-classification":
         from ftkit.ner import predict_entities  # the NER recipe's prediction path
 
@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output .jsonl or .csv (default: RUN_DIR/predictions-<input>.jsonl)")
     p.add_argument("--text_column", help="text column of a table input (default: detected)")
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument(
+        "--linear_backend",
+        choices=["auto", "onednn", "torch"],
+        default="auto",
+        help="fp32 linear layers of a torch run: as the recipes' option (auto: oneDNN where it measures faster)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("cp", help="copy a recipe (and its configs) out of the repository to adapt it")

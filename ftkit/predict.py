@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ftkit import DataError
 from ftkit.data import decode, read_table
+from ftkit.fastlinear import use_onednn_linear
 from ftkit.metrics import softmax
 from ftkit.models import MODEL_CLASSES, resolve_model_path
 from ftkit.run import RUN_FILE
@@ -31,11 +32,12 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_run(run_dir: str | Path):
+def load_run(run_dir: str | Path, linear_backend: str = "torch"):
     """(model, tokenizer, info) for a run directory, in eval mode, weights from safetensors only.
 
     Full runs and merged LoRA runs load as plain transformers models; unmerged LoRA runs load the
     base model named in the run and apply `run_dir/adapter` (which carries the trained head).
+    linear_backend: as in training (`ftkit.fastlinear.use_onednn_linear`); `torch` leaves the model as loaded.
     """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -60,6 +62,7 @@ def load_run(run_dir: str | Path):
         model = PeftModel.from_pretrained(base, run_dir / "adapter")
     else:
         raise DataError(f"{run_dir}: no model.safetensors and no adapter/ folder: nothing to load")
+    use_onednn_linear(model, linear_backend)
     return model.eval(), tokenizer, info
 
 

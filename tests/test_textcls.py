@@ -98,9 +98,10 @@ def test_saved_model_works_with_plain_pipeline(full_run):
     assert result[0]["label"] in {"food", "sports", "tech"}
 
 
-def test_predict_matches_the_recipe_test_predictions(full_run):
+@pytest.mark.parametrize("linear_backend", ["torch", "onednn"])
+def test_predict_matches_the_recipe_test_predictions(full_run, linear_backend):
     out, _ = full_run
-    model, tok, info = load_run(out)
+    model, tok, info = load_run(out, linear_backend)
     preds = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     probs = predict_texts(model, tok, [p["text"] for p in preds], info, batch_size=5, progress=False)
     expected = np.array([[p[f"p_{n}"] for n in info["labels"]] for p in preds])
