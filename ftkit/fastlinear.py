@@ -26,36 +26,30 @@ logger = logging.getLogger(__name__)
 CHOICES = ("auto", "onednn", "torch")
 
 
-def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """a @ b_t.T through oneDNN (fp32 in, fp32 accumulate, fp32 out)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+def mm_t(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b_t.T (+ bias) through oneDNN: fp32 in, fp32 accumulate, fp32 out."""
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
         # The input is needed only for the weight's gradient (a frozen LoRA base needs none).
         ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight)
-        ctx.has_bias = bias is not None
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return mm_t(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x2, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        if not g2.is_contiguous():
-            g2 = g2.contiguous()
+        g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _mm(g2, weight.t()).view(*grad.shape[:-1], weight.shape[1])
+            grad_x = mm_t(g2, weight.t()).view(*grad.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
-            grad_w = _mm(g2.t(), x2.t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_w = mm_t(g2.t(), x2.t())
+        if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b
 
