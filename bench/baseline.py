@@ -34,8 +34,8 @@ from transformers import (
 from ftkit.conll import load_tagged_splits
 from ftkit.data import label_key, load_text_splits
 from ftkit.metrics import classification_scores
-from ftkit.models import default_model_path
 from ftkit.ner import entity_metrics, label_list
+from ftkit.packages import default_model_path
 
 # The example scripts' defaults (run_classification.py and TrainingArguments).
 EXAMPLE_DEFAULTS = {

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"(validation {r['validation_accuracy']:.4f})  fit {r['fit_seconds']:.1f} s  rows {r['rows']}"
         )
     host = socket.gethostname()
-    path = Path(args.out_dir) / f"{time.strftime('%Y%m%d')}-{host}-tfidf.json"
+    path = Path(args.out_dir) / f"{time.strftime('%Y-%m-%d')}-{host}-tfidf.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from ftkit.compress import _export, onnx_session, quantize_onnx
+from ftkit.compress import export_onnx_graph, onnx_session, quantize_onnx
 from ftkit.data import load_bbc_news
-from ftkit.models import default_model_path
+from ftkit.packages import default_model_path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         quantize_(tao, Int8DynamicActivationInt8WeightConfig())
         candidates["torchao int8 dynamic, eager"] = torch_fn(tao)
     tmp = Path(tempfile.mkdtemp())
-    _export(model, tmp / "model.onnx", batches[0])  # ftkit's: eager attention traced
+    export_onnx_graph(model, tmp / "model.onnx", batches[0])  # ftkit's: eager attention traced
     quantize_onnx(tmp / "model.onnx", tmp / "model.int8.onnx")
-    _export(model, tmp / "sdpa.onnx", batches[0], attention="sdpa")
+    export_onnx_graph(model, tmp / "sdpa.onnx", batches[0], attention="sdpa")
     quantize_onnx(tmp / "sdpa.onnx", tmp / "sdpa.int8.onnx")
     # ONNX Runtime's transformer optimizer (fused SkipLayerNorm, BiasGelu) before quantizing.
     from onnxruntime.transformers.optimizer import optimize_model

@@ -6,23 +6,20 @@
 Variants (written next to the run as R-int8, R-p25, R-p25-int8, ...): int8 alone, then for each level that fraction
 of attention heads and of FFN neurons removed (importance on the validation texts), recovered by
 distillation on the training texts (kept only if it brings the model closer to the unpruned one on the
-validation texts), and quantized to int8. The table comes from bench/predict_speed.py.
+validation texts), and quantized to int8. The table comes from `ftkit.bench.bench_predict` (the same
+as `ftkit bench-predict RUN VARIANT...`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import predict_speed  # noqa: E402
-
-from ftkit.compress import compress_run  # noqa: E402
-from ftkit.data import read_table  # noqa: E402
+from ftkit.bench import bench_predict, markdown
+from ftkit.compress import compress_run
+from ftkit.data import read_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recover_steps", type=int, default=100)
     parser.add_argument("--fp32_pruned", action="store_true", help="also bench the pruned fp32 models")
     parser.add_argument("--max_texts", type=int, default=128, help="validation texts used for importance")
-    args, bench_args = parser.parse_known_args(argv)
+    parser.add_argument("--test_file", type=Path, help="default: the run's test_predictions.jsonl")
+    args = parser.parse_args(argv)
     val = [r["text"] for r in read_table(args.validation_file, require_label=False)[0]][: args.max_texts]
     train = (
         [r["text"] for r in read_table(args.train_file, require_label=False)[0]] if args.train_file else None
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         build(pruned, pruned_int8, quantize="int8")
         variants += [pruned, pruned_int8] if args.fp32_pruned else [pruned_int8]
-    predict_speed.main([str(args.run), *map(str, variants), *bench_args])
+    print(markdown(bench_predict([args.run, *variants], test_file=args.test_file)))
 
 
 if __name__ == "__main__":

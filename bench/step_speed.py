@@ -35,7 +35,7 @@ def build(variant: str, seed: int = 0):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from ftkit.models import default_model_path
+    from ftkit.packages import default_model_path
 
     parts = variant.split("-")
     batch = int(parts[0][1:])

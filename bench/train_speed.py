@@ -81,20 +81,15 @@ FULL = {
 # The recipe's top-level steps whose time is reported (names absent from a recipe are skipped).
 RECIPE_STEPS = {
     "load_text_splits": "load data",
+    "load_tagged_splits": "load data",
     "load_tokenizer": "load tokenizer",
     "encode_texts": "tokenize",
+    "encode_splits": "tokenize",
     "load_model": "load model",
+    "speed_up": "load model",
     "add_lora": "load model",
-    "pad_stats": "pad statistics",
     "train_token_stats": "pad statistics",
-    "save_model": "save model",
-    "plot_curves": "plots",
-    "plot_confusion": "plots",
-    "write_model_card": "write files",
-    "write_manifest": "write files",
-    "write_rows": "write files",
-    "write_json": "write files",
-    "write_config": "write files",
+    "save_run": "write the run directory",
 }
 TRAIN_PHASES = ("data (fetch + collate)", "forward + backward", "optimizer", "logging")
 

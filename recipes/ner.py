@@ -29,82 +29,35 @@ from accelerate import PartialState
 from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments, set_seed
 
 from ftkit import DataError
-from ftkit.config import cpu_only, parse_args, to_dict
-from ftkit.conll import SCHEMES, load_tagged_splits, write_conll
-from ftkit.data import fingerprint
-from ftkit.models import (
-    ModelArguments,
-    add_lora,
-    load_model,
-    load_tokenizer,
-    lora_config,
-    resolve_model_path,
-    save_model,
-)
+from ftkit.config import TRAINER_DEFAULTS, parse_args
+from ftkit.conll import TaggedSource, load_tagged_splits, tagged_fingerprint, write_conll
+from ftkit.metrics import exact_eval_loss
+from ftkit.models import ModelArguments, add_lora, load_model, load_tokenizer, lora_config, resolve_model_path
 from ftkit.ner import (
     CONTEXTS,
     add_case_types,
     decode_tags,
-    encode_sentences,
+    encode_splits,
     entity_metrics,
     entity_report,
     label_list,
     merge_windows,
+    split_of,
     use_case_feature,
 )
-from ftkit.predict import write_rows
-from ftkit.reliability import (
-    CrashSafeCheckpoints,
-    NonFiniteError,
-    NonFiniteGuard,
-    exact_eval_loss,
-    resume_checkpoint,
-)
-from ftkit.run import (
-    RUN_FILE,
-    make_run_dir,
-    plot_curves,
-    setup_logging,
-    train_token_stats,
-    write_config,
-    write_json,
-    write_manifest,
-    write_model_card,
-)
+from ftkit.reliability import CrashSafeCheckpoints, NonFiniteError, NonFiniteGuard, resume_checkpoint
+from ftkit.run import RunArguments, save_run, start_run
+from ftkit.speed import SpeedArguments, speed_up
+from ftkit.training import train_token_stats
 
-logger = logging.getLogger("ner")
-TASK = "token-classification"
+NAME, TASK = "ner", "token-classification"
+logger = logging.getLogger(NAME)
 
 
 @dataclass
 class DataArguments:
-    """Where the tagged sentences come from, and how they are cut into model windows."""
+    """How sentences become model windows, and how word tags are decoded."""
 
-    dataset_name: str = field(
-        default="conll2003",
-        metadata={
-            "help": "Built-in conll2003 (offline) or a hub dataset with tokens/ner_tags. Used when no train_file is given."
-        },
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    train_file: str | None = field(
-        default=None, metadata={"help": "CoNLL column file, or JSON/JSONL with tokens and tags lists."}
-    )
-    validation_file: str | None = field(
-        default=None, metadata={"help": "Same format. Default: 10%% of train documents."}
-    )
-    test_file: str | None = field(
-        default=None, metadata={"help": "Same format. Default: 10%% of train documents."}
-    )
-    tag_column: int = field(
-        default=-1, metadata={"help": "Column of the tag in CoNLL files (0 = the word; -1 = last)."}
-    )
-    tag_scheme: str = field(
-        default="auto", metadata={"help": "Tag scheme of the files.", "choices": ["auto", *SCHEMES]}
-    )
-    holdout_fraction: float = field(
-        default=0.1, metadata={"help": "Share of train documents held out for a missing split."}
-    )
     max_length: int = field(default=256, metadata={"help": "Sub-tokens per window, special tokens included."})
     stride: int = field(
         default=64, metadata={"help": "Sub-tokens shared by consecutive windows of a long sequence."}
@@ -131,17 +84,11 @@ class DataArguments:
             "choices": list(CONTEXTS),
         },
     )
-    resume: str | None = field(
-        default=None,
-        metadata={
-            "help": "auto: continue from the last complete checkpoint in <output_dir>/checkpoints (partial "
-            "ones are skipped; none: start fresh); or the path of one checkpoint."
-        },
-    )
 
 
-# The recipe's own TrainingArguments defaults (= recipes/configs/ner.yaml); a --config YAML and the CLI override them.
-TRAINING_DEFAULTS = {
+# The recipe's defaults (= recipes/configs/ner.yaml); a --config YAML and the command line override them.
+DEFAULTS = {
+    **TRAINER_DEFAULTS,
     # 3 epochs: test F1 0.879 -> with the case feature 0.894, in 9 minutes on 2 cores (recipes/README.md).
     "num_train_epochs": 3,
     "learning_rate": 2e-4,
@@ -154,97 +101,53 @@ TRAINING_DEFAULTS = {
     "eval_strategy": "no",
     "save_strategy": "no",
     "logging_steps": 20,
-    "report_to": "none",
-    "seed": 42,
-    # True (the transformers 5 default) multiplies the loss by the world size for models whose loss
-    # takes no token count, BERT heads included: gradients and logged losses come out N times too
-    # large in a multi-process run (transformers issue #37474).
-    "average_tokens_across_devices": False,
-    # Without a GPU, use_cpu makes accelerate set up a multi-process launch (accelerate --multi_gpu,
-    # torchrun) as gloo ranks with DDP (ddp_backend=gloo alone gives ranks that never sync gradients),
-    # and lets `--bf16 true` train in bf16 autocast on the CPU.
-    "use_cpu": cpu_only(),
 }
+
+ARGUMENTS = (TaggedSource, DataArguments, ModelArguments, SpeedArguments, RunArguments, TrainingArguments)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    data_args, model_args, training_args = parse_args(
-        (DataArguments, ModelArguments, TrainingArguments),
-        argv,
-        defaults=TRAINING_DEFAULTS,
-        description=__doc__,
-    )
-    setup_logging(training_args.should_log)
-    run_dir = make_run_dir("ner", training_args.output_dir, resume=bool(data_args.resume))
-    training_args.output_dir = str(run_dir / "checkpoints")
+    args, options = parse_args(ARGUMENTS, argv, defaults=DEFAULTS, description=__doc__)
+    source, data_args, model_args, speed_args, run_args, training_args = args
+    # [shared: start]
+    run_dir, training_args = start_run(NAME, training_args, run_args, options)
     model_path = resolve_model_path(model_args.model_name_or_path)
+    # [end shared]
 
     # ---- Data: load (IOB2), label set --------------------------------------------------------------
-    splits, source = load_tagged_splits(
-        **{
-            k: getattr(data_args, k)
-            for k in ("dataset_name", "dataset_config", "train_file", "validation_file", "test_file")
-        },
-        tag_column=data_args.tag_column,
-        tag_scheme=data_args.tag_scheme,
-        holdout_fraction=data_args.holdout_fraction,
-        seed=training_args.seed,
-    )
+    splits, data_source = load_tagged_splits(**vars(source), seed=training_args.seed)
     # Entity types from every split: a type missing from train is still scored (recall 0), not an error.
     names = label_list([s for split in splits.values() for s in split])
     label2id = {name: i for i, name in enumerate(names)}
     rows = {split: len(sentences) for split, sentences in splits.items()}
-    logger.info("data: %s; sentences %s; labels %s", source, rows, names)
+    logger.info("data: %s; sentences %s; labels %s", data_source, rows, names)
 
     # ---- Tokenizer, model (+ case types), windows of sub-tokens ----------------------------------
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
+    # [shared: model]
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
-    # attention_dropout and linear_backend are CPU speed options (recipes/README.md, "Speed on a CPU").
-    model = load_model(
-        model_path,
-        TASK,
-        label2id,
-        model_args.trust_remote_code,
-        attention_dropout=model_args.attention_dropout,
-        linear_backend=model_args.linear_backend,
-    )
+    model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
+    speed = speed_up(model, speed_args)  # CPU speed options (recipes/README.md, "Speed on a CPU")
+    # [end shared]
     # An uncased tokenizer turns "Paris" into "paris" and drops NER's strongest cue. Each word's shape
     # goes back in through the token-type embeddings (measured on CoNLL-2003: see recipes/README.md).
     case_feature = use_case_feature(data_args.case_feature, tokenizer, model)
-    data_args.case_feature = "on" if case_feature else "off"  # config.yaml and the model card say which
+    data_args = options.decide(
+        data_args, "auto: uncased tokenizer + token types", case_feature="on" if case_feature else "off"
+    )
     if case_feature:
         add_case_types(model)
-    features = {
-        split: encode_sentences(
-            tokenizer,
-            sentences,
-            data_args.max_length,
-            data_args.stride,
-            data_args.context,
-            label2id,
-            case_feature,
-        )
-        for split, sentences in splits.items()
-    }
-    ds = {split: datasets.Dataset.from_dict(f.rows) for split, f in features.items()}
-    windowed = {split: f.n_long for split, f in features.items()}
-    logger.info(
-        "sentences longer than one window of %d (split into windows, stride %d): %s; windows %s; "
-        "case feature %s",
-        data_args.max_length,
-        data_args.stride,
-        windowed,
-        {split: len(f.windows) for split, f in features.items()},
-        case_feature,
+    features = encode_splits(
+        tokenizer, splits, data_args.max_length, data_args.stride, data_args.context, label2id, case_feature
     )
+    ds = {split: datasets.Dataset.from_dict(f.rows) for split, f in features.items()}
 
     # ---- LoRA and Trainer -------------------------------------------------------------------------
     peft_config = lora_config(model_args, TASK)
     if peft_config and case_feature:  # the new token types train (and are saved) with the adapter
         peft_config.modules_to_save.append("token_type_embeddings")
     model = add_lora(model, peft_config)
-
     # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
     callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
 
@@ -255,20 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
             decode_tags(np.stack(x) if x else np.zeros((0, len(names))), names, method) for x in word_logits
         ]
 
-    def metrics_for(split):
-        def compute_metrics(pred):
-            gold = [s.tags for s in splits[split]]
-            metrics = entity_metrics(gold, word_tags(split, pred, data_args.decode))
-            if data_args.decode != "argmax":  # what the constrained decoding repairs
-                argmax = entity_metrics(gold, word_tags(split, pred, "argmax"))
-                metrics |= {
-                    "argmax_f1": argmax["f1"],
-                    "argmax_invalid_sequences": argmax["invalid_sequences"],
-                }
-            # Reported as eval_loss: Trainer's own counts the rows a multi-process run repeats as padding.
-            return {**metrics, "loss": exact_eval_loss(pred.predictions, pred.label_ids)}
-
-        return compute_metrics
+    def compute_metrics(pred):
+        split = split_of(features, pred.label_ids)  # validation during training, then test
+        gold = [s.tags for s in splits[split]]
+        metrics = entity_metrics(gold, word_tags(split, pred, data_args.decode))
+        if data_args.decode != "argmax":  # what the constrained decoding repairs
+            argmax = entity_metrics(gold, word_tags(split, pred, "argmax"))
+            metrics |= {"argmax_f1": argmax["f1"], "argmax_invalid_sequences": argmax["invalid_sequences"]}
+        # Reported as eval_loss: Trainer's own counts the rows a multi-process run repeats as padding.
+        return {**metrics, "loss": exact_eval_loss(pred.predictions, pred.label_ids)}
 
     trainer = Trainer(
         model=model,
@@ -277,87 +175,59 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=ds["validation"],
         processing_class=tokenizer,
         data_collator=DataCollatorForTokenClassification(tokenizer),
-        compute_metrics=metrics_for("validation"),
+        compute_metrics=compute_metrics,
         callbacks=callbacks,
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
-    checkpoint = resume_checkpoint(data_args.resume, training_args.output_dir)
+    # [shared: train]
+    checkpoint = resume_checkpoint(run_args.resume, training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     results = dict(train_result.metrics)
     results.update(train_token_stats(trainer, results["train_runtime"], resumed_from=checkpoint))
+    # [end shared]
     results.update(trainer.evaluate(metric_key_prefix="eval"))
-    trainer.compute_metrics = metrics_for("test")
     test = trainer.predict(ds["test"], metric_key_prefix="test")
     results.update(test.metrics)
-    results.update({f"{split}_windowed_sentences": n for split, n in windowed.items()})
-    results.update({"data_source": source, **{f"data_{split}_sentences": n for split, n in rows.items()}})
+    results.update({f"{split}_windowed_sentences": f.n_long for split, f in features.items()})
+    results.update(
+        {"data_source": data_source, **{f"data_{s}_sentences": n for s, n in rows.items()}, **speed}
+    )
 
     # ---- Save the run directory (main process only) ---------------------------------------------
-    if trainer.is_world_process_zero():
-        run_info = {
-            "task": TASK,
-            "base_model": model_args.model_name_or_path,  # None: the embedded default
-            "lora": model_args.use_lora,
-            "merged": model_args.merge_lora,
-            "max_length": data_args.max_length,
-            "long_text": "chunks",  # long inputs become overlapping windows, merged back per word
-            "stride": data_args.stride,
-            "context": data_args.context,
-            "decode": data_args.decode,
-            "case_feature": case_feature,  # ftkit predict passes word shapes as token_type_ids
-            "labels": names,
-        }
-        write_json(run_dir / RUN_FILE, run_info)
-        save_model(trainer.model, tokenizer, run_dir, model_args.merge_lora)
-        write_json(run_dir / "all_results.json", results)
-        gold = [s.tags for s in splits["test"]]
-        pred = word_tags("test", test, data_args.decode)
-        report_text = entity_report(gold, pred)
-        (run_dir / "test_report.txt").write_text(report_text, encoding="utf-8")
-        write_rows(
-            [
-                {"origin": s.origin, "tokens": s.tokens, "gold": s.tags, "pred": p}
-                for s, p in zip(splits["test"], pred, strict=True)
-            ],
-            run_dir / "test_predictions.jsonl",
-        )
-        write_conll(
-            run_dir / "test_predictions.conll", splits["test"], pred
-        )  # word gold pred: conlleval input
-        plot_curves(trainer.state.log_history, run_dir / "training_curves.png", "f1")
-        config = to_dict(data_args, model_args, training_args)
-        write_config(run_dir, config)
-        as_rows = {
-            k: [{"text": " ".join(s.tokens), "label": " ".join(s.tags)} for s in v] for k, v in splits.items()
-        }
-        write_manifest(run_dir, seed=training_args.seed, data_fingerprint=fingerprint(as_rows))
-        write_model_card(
-            run_dir,
-            title=f"Named-entity recognition: {source}",
-            base_model=model_path,
-            data={"source": source, **rows, "labels": ", ".join(names), "windowed sentences": windowed},
-            config=config,
-            results=results,
-            report_text=report_text,
-            usage=f"ftkit predict {run_dir} --input texts.txt"
-            + (
-                "\n# It passes each word's shape as token_type_ids (ftkit.ner.word_shape), as in training;"
-                "\n# transformers.pipeline would not."
-                if case_feature
-                else ""
-            ),
-        )
-        logger.info(
-            "test entity F1 %.4f (P %.4f, R %.4f); run directory: %s",
-            results["test_f1"],
-            results["test_precision"],
-            results["test_recall"],
-            run_dir,
-        )
+    info = {
+        "task": TASK, "max_length": data_args.max_length, "long_text": "chunks", "stride": data_args.stride,
+        "context": data_args.context, "decode": data_args.decode, "case_feature": case_feature, "labels": names,
+    }  # fmt: skip
+    pred = word_tags("test", test, data_args.decode)
+    gold = [s.tags for s in splits["test"]]
+    save_run(
+        run_dir, trainer, tokenizer, options=options,
+        args=(source, data_args, model_args, speed_args, run_args, training_args),
+        info=info, results=results,
+        predictions=[
+            {"origin": s.origin, "tokens": s.tokens, "gold": s.tags, "pred": p}
+            for s, p in zip(splits["test"], pred, strict=True)
+        ],
+        report=(None, entity_report(gold, pred)),
+        curve_metric="f1",
+        fingerprint=tagged_fingerprint(splits),
+        title=f"Named-entity recognition: {data_source}",
+        data={
+            "source": data_source, **rows, "labels": ", ".join(names),
+            "windowed sentences": {split: f.n_long for split, f in features.items()},
+        },
+    )  # fmt: skip
+    if trainer.is_world_process_zero():  # word gold pred per line: conlleval's input
+        write_conll(run_dir / "test_predictions.conll", splits["test"], pred)
+    logger.info(
+        "test entity F1 %.4f (P %.4f, R %.4f); run directory: %s",
+        results["test_f1"], results["test_precision"], results["test_recall"], run_dir,
+    )  # fmt: skip
     return results
 
 
+# [shared: main-guard]
 if __name__ == "__main__":
     try:
         main()
@@ -366,3 +236,4 @@ if __name__ == "__main__":
     # Close a multi-process run's process group here: left to interpreter exit, gloo's threads can
     # abort a rank that did everything right ("terminate called without an active exception").
     PartialState().destroy_process_group()
+# [end shared]

@@ -28,91 +28,25 @@ from transformers import (
 )
 
 from ftkit import DataError
-from ftkit.config import cpu_only, parse_args, to_dict
-from ftkit.data import check_labels, fingerprint, label_maps, load_text_splits, to_datasets
-from ftkit.metrics import classification_scores, confusion, per_class_report, softmax
-from ftkit.models import (
-    ModelArguments,
-    add_lora,
-    load_model,
-    load_tokenizer,
-    lora_config,
-    resolve_model_path,
-    save_model,
-)
-from ftkit.predict import prediction_rows, write_rows
-from ftkit.reliability import (
-    CrashSafeCheckpoints,
-    NonFiniteError,
-    NonFiniteGuard,
-    exact_eval_loss,
-    resume_checkpoint,
-)
-from ftkit.run import (
-    RUN_FILE,
-    make_run_dir,
-    plot_confusion,
-    plot_curves,
-    setup_logging,
-    train_token_stats,
-    write_config,
-    write_json,
-    write_manifest,
-    write_model_card,
-)
-from ftkit.text import encode_texts
+from ftkit.config import TRAINER_DEFAULTS, parse_args
+from ftkit.data import TextSource, check_labels, fingerprint, label_maps, load_text_splits, to_datasets
+from ftkit.metrics import classification_scores, confusion, exact_eval_loss, per_class_report, softmax
+from ftkit.models import ModelArguments, add_lora, load_model, load_tokenizer, lora_config, resolve_model_path
+from ftkit.predict import prediction_rows
+from ftkit.reliability import CrashSafeCheckpoints, NonFiniteError, NonFiniteGuard, resume_checkpoint
+from ftkit.run import RunArguments, save_run, start_run
+from ftkit.speed import SpeedArguments, speed_up
+from ftkit.text import count_truncated, encode_texts
+from ftkit.training import predict_in_row_order, train_token_stats
 
-logger = logging.getLogger("textcls")
-TASK = "text-classification"
+NAME, TASK = "textcls", "text-classification"
+logger = logging.getLogger(NAME)
 
 
 @dataclass
 class DataArguments:
-    """Where the texts and labels come from, and how long texts are cut."""
+    """What the recipe does with the texts: labels, long texts, early stopping."""
 
-    dataset_name: str = field(
-        default="bbc-news",
-        metadata={
-            "help": "Built-in corpus (bbc-news, rotten-tomatoes), a hub dataset, or sklearn/20newsgroups. Used when no files/data_dir are given."
-        },
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    train_file: str | None = field(
-        default=None, metadata={"help": "CSV, TSV, JSON, JSONL or Parquet with a text and a label column."}
-    )
-    validation_file: str | None = field(
-        default=None, metadata={"help": "Same format as train_file. Default: 10%% of train, stratified."}
-    )
-    test_file: str | None = field(
-        default=None, metadata={"help": "Same format as train_file. Default: 10%% of train, stratified."}
-    )
-    data_dir: str | None = field(
-        default=None,
-        metadata={"help": "Folder <class>/<doc> or <split>/<class>/<doc> (20news-bydate), or its .tar.gz."},
-    )
-    text_column: str | None = field(
-        default=None, metadata={"help": "Text column. Default: detected (text, sentence, content, ...)."}
-    )
-    label_column: str | None = field(
-        default=None, metadata={"help": "Label column. Default: detected (label, category, ...)."}
-    )
-    encoding: str = field(
-        default="utf-8", metadata={"help": "Encoding of text files (20news-bydate: latin-1)."}
-    )
-    encoding_errors: str = field(
-        default="strict",
-        metadata={
-            "help": "strict: bad bytes are an error; replace: decode them as U+FFFD.",
-            "choices": ["strict", "replace"],
-        },
-    )
-    validation_fraction: float = field(
-        default=0.1,
-        metadata={"help": "Share of the data held out for validation when no validation split is given."},
-    )
-    test_fraction: float = field(
-        default=0.1, metadata={"help": "Share of the data held out for test when no test split is given."}
-    )
     add_unseen_labels: bool = field(
         default=False, metadata={"help": "Add labels that occur only in validation/test instead of failing."}
     )
@@ -127,17 +61,12 @@ class DataArguments:
     early_stopping_patience: int = field(
         default=2, metadata={"help": "Evaluations without macro-F1 improvement before stopping."}
     )
-    resume: str | None = field(
-        default=None,
-        metadata={
-            "help": "auto: continue from the last complete checkpoint in <output_dir>/checkpoints (partial "
-            "ones are skipped; none: start fresh); or the path of one checkpoint."
-        },
-    )
 
 
-# The recipe's own TrainingArguments defaults; a --config YAML and the command line override them.
-TRAINING_DEFAULTS = {
+# The recipe's defaults; a --config YAML and the command line override them.
+DEFAULTS = {
+    **TRAINER_DEFAULTS,
+    "dataset_name": "bbc-news",
     "num_train_epochs": 2,
     "learning_rate": 1e-4,
     "per_device_train_batch_size": 16,
@@ -152,47 +81,21 @@ TRAINING_DEFAULTS = {
     "metric_for_best_model": "macro_f1",
     "train_sampling_strategy": "group_by_length",
     "logging_steps": 20,
-    "report_to": "none",
-    "seed": 42,
-    # True (the transformers 5 default) multiplies the loss by the world size for models whose loss
-    # takes no token count, BERT heads included: gradients and logged losses come out N times too
-    # large in a multi-process run (transformers issue #37474).
-    "average_tokens_across_devices": False,
-    # Without a GPU, use_cpu makes accelerate set up a multi-process launch (accelerate --multi_gpu,
-    # torchrun) as gloo ranks with DDP (ddp_backend=gloo alone gives ranks that never sync gradients),
-    # and lets `--bf16 true` train in bf16 autocast on the CPU.
-    "use_cpu": cpu_only(),
 }
+
+ARGUMENTS = (TextSource, DataArguments, ModelArguments, SpeedArguments, RunArguments, TrainingArguments)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    data_args, model_args, training_args = parse_args(
-        (DataArguments, ModelArguments, TrainingArguments),
-        argv,
-        defaults=TRAINING_DEFAULTS,
-        description=__doc__,
-    )
-    setup_logging(training_args.should_log)
-    run_dir = make_run_dir("textcls", training_args.output_dir, resume=bool(data_args.resume))
-    training_args.output_dir = str(run_dir / "checkpoints")
+    args, options = parse_args(ARGUMENTS, argv, defaults=DEFAULTS, description=__doc__)
+    source, data_args, model_args, speed_args, run_args, training_args = args
+    # [shared: start]
+    run_dir, training_args = start_run(NAME, training_args, run_args, options)
     model_path = resolve_model_path(model_args.model_name_or_path)
+    # [end shared]
 
     # ---- Data: load, check labels, tokenize -------------------------------------------------
-    splits, stats = load_text_splits(
-        dataset_name=data_args.dataset_name,
-        dataset_config=data_args.dataset_config,
-        train_file=data_args.train_file,
-        validation_file=data_args.validation_file,
-        test_file=data_args.test_file,
-        data_dir=data_args.data_dir,
-        text_column=data_args.text_column,
-        label_column=data_args.label_column,
-        encoding=data_args.encoding,
-        encoding_errors=data_args.encoding_errors,
-        validation_fraction=data_args.validation_fraction,
-        test_fraction=data_args.test_fraction,
-        seed=training_args.seed,
-    )
+    splits, stats = load_text_splits(**vars(source), seed=training_args.seed)
     label2id, _ = label_maps([r["label"] for r in splits["train"]])
     added_labels = check_labels(splits, label2id, data_args.add_unseen_labels)
     names = list(label2id)
@@ -209,32 +112,22 @@ def main(argv: list[str] | None = None) -> dict:
         ds = to_datasets(splits).map(
             preprocess, batched=True, remove_columns=["text", "label"], desc="Tokenizing"
         )
-    truncated = {split: int(sum(ds[split]["truncated"])) for split in ds}
-    logger.info(
-        "inputs longer than max_length=%d (cut by %s): %s",
-        data_args.max_length,
-        data_args.long_text,
-        truncated,
-    )
+    truncated = count_truncated(ds, data_args.max_length, data_args.long_text)
 
     # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
+    # [shared: model]
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
-    # attention_dropout and linear_backend are CPU speed options (recipes/README.md, "Speed on a CPU").
-    model = load_model(
-        model_path,
-        TASK,
-        label2id,
-        model_args.trust_remote_code,
-        attention_dropout=model_args.attention_dropout,
-        linear_backend=model_args.linear_backend,
-    )
+    model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
+    speed = speed_up(model, speed_args)  # CPU speed options (recipes/README.md, "Speed on a CPU")
+    # [end shared]
     model = add_lora(model, lora_config(model_args, TASK))
-
+    # [shared: classification-callbacks]
     # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
     callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
     if training_args.load_best_model_at_end:  # early stopping needs per-epoch eval and best-model tracking
         callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience))
+    # [end shared]
 
     def compute_metrics(pred):
         logits, labels = pred
@@ -255,75 +148,49 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
-    checkpoint = resume_checkpoint(data_args.resume, training_args.output_dir)
+    # [shared: train]
+    checkpoint = resume_checkpoint(run_args.resume, training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
     results = dict(train_result.metrics)
     results.update(train_token_stats(trainer, results["train_runtime"], resumed_from=checkpoint))
+    # [end shared]
     results.update(trainer.evaluate(metric_key_prefix="eval"))
-    # group_by_length also reorders evaluation batches; predict the test set in row order so that
-    # each prediction lines up with its input row in test_predictions.jsonl.
-    sampling, trainer.args.train_sampling_strategy = trainer.args.train_sampling_strategy, "random"
-    test = trainer.predict(ds["test"], metric_key_prefix="test")
-    trainer.args.train_sampling_strategy = sampling  # config.yaml records what training used
+    test = predict_in_row_order(trainer, ds["test"], metric_key_prefix="test")
     results.update(test.metrics)
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
-    results.update(stats.as_results())
-    results["added_labels"] = added_labels
+    results.update({**stats.as_results(), "added_labels": added_labels, **speed})
 
     # ---- Save the run directory (main process only) ---------------------------------------------
-    if trainer.is_world_process_zero():
-        run_info = {
-            "task": TASK,
-            "base_model": model_args.model_name_or_path,  # None: the embedded default
-            "lora": model_args.use_lora,
-            "merged": model_args.merge_lora,
-            "max_length": data_args.max_length,
-            "long_text": data_args.long_text,
-            "labels": names,
-        }
-        write_json(run_dir / RUN_FILE, run_info)
-        save_model(trainer.model, tokenizer, run_dir, model_args.merge_lora)
-        write_json(run_dir / "all_results.json", results)
-        probs = softmax(test.predictions)
-        preds = probs.argmax(-1)
-        report, report_text = per_class_report(test.label_ids, preds, names)
-        write_json(run_dir / "test_report.json", report)
-        (run_dir / "test_report.txt").write_text(report_text, encoding="utf-8")
-        rows = prediction_rows(ds["test"]["origin"], [r["text"] for r in splits["test"]], probs, run_info)
-        write_rows(
-            [{"gold": names[g], **row} for g, row in zip(test.label_ids, rows, strict=True)],
-            run_dir / "test_predictions.jsonl",
-        )
-        plot_confusion(confusion(test.label_ids, preds, len(names)), names, run_dir / "confusion_matrix.png")
-        plot_curves(trainer.state.log_history, run_dir / "training_curves.png", "macro_f1")
-        config = to_dict(data_args, model_args, training_args)
-        write_config(run_dir, config)
-        write_manifest(run_dir, seed=training_args.seed, data_fingerprint=fingerprint(splits))
-        write_model_card(
-            run_dir,
-            title=f"Text classification: {stats.source}",
-            base_model=model_path,
-            data={
-                "source": stats.source,
-                **stats.rows,
-                "split": stats.split_made or "as given",
-                "duplicates removed": stats.duplicates_removed,
-                "classes": ", ".join(names),
-            },
-            config=config,
-            results=results,
-            report_text=report_text,
-            usage=f"ftkit predict {run_dir} --input texts.txt\n# or: transformers.pipeline('text-classification', model='{run_dir}')",
-        )
-        logger.info(
-            "test accuracy %.4f, macro-F1 %.4f; run directory: %s",
-            results["test_accuracy"],
-            results["test_macro_f1"],
-            run_dir,
-        )
+    info = {
+        "task": TASK,
+        "max_length": data_args.max_length,
+        "long_text": data_args.long_text,
+        "labels": names,
+    }
+    probs = softmax(test.predictions)
+    preds, gold, test_rows = probs.argmax(-1), test.label_ids, splits["test"]
+    save_run(
+        run_dir, trainer, tokenizer, options=options,
+        args=(source, data_args, model_args, speed_args, run_args, training_args),
+        info=info, results=results,
+        predictions=prediction_rows(
+            [r["origin"] for r in test_rows], [r["text"] for r in test_rows], probs, info, [names[g] for g in gold]
+        ),
+        report=per_class_report(gold, preds, names),
+        confusion=(confusion(gold, preds, len(names)), names),
+        curve_metric="macro_f1",
+        fingerprint=fingerprint(splits),
+        title=f"Text classification: {stats.source}",
+        data=stats.card(classes=", ".join(names)),
+    )  # fmt: skip
+    logger.info(
+        "test accuracy %.4f, macro-F1 %.4f; run directory: %s",
+        results["test_accuracy"], results["test_macro_f1"], run_dir,
+    )  # fmt: skip
     return results
 
 
+# [shared: main-guard]
 if __name__ == "__main__":
     try:
         main()
@@ -332,3 +199,4 @@ if __name__ == "__main__":
     # Close a multi-process run's process group here: left to interpreter exit, gloo's threads can
     # abort a rank that did everything right ("terminate called without an active exception").
     PartialState().destroy_process_group()
+# [end shared]

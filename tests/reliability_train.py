@@ -30,11 +30,11 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the worktree's ftkit, not an installed one
+from ftkit.metrics import exact_eval_loss  # noqa: E402
 from ftkit.reliability import (  # noqa: E402
     CrashSafeCheckpoints,
     NonFiniteError,
     NonFiniteGuard,
-    exact_eval_loss,
     resolve_resume,
 )
 

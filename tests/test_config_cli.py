@@ -9,22 +9,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import TrainingArguments
 
 from ftkit import DataError
 from ftkit.cli import main as ftkit_main
 from ftkit.config import parse_args
-from ftkit.models import ModelArguments
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
+import importlib  # noqa: E402
+
 import textcls  # noqa: E402
 
-TYPES = (textcls.DataArguments, ModelArguments, TrainingArguments)
 
-
-def parse(argv):
-    return parse_args(TYPES, argv, defaults=textcls.TRAINING_DEFAULTS)
+def parse(argv, recipe=textcls):
+    (_source, data, model, _speed, _run, train), _options = parse_args(
+        recipe.ARGUMENTS, argv, defaults=recipe.DEFAULTS
+    )
+    return data, model, train
 
 
 def test_recipe_defaults_apply_and_cli_beats_yaml(tmp_path):
@@ -52,11 +53,49 @@ def test_unknown_keys_fail_in_yaml_and_on_the_command_line(tmp_path):
     "config", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_every_shipped_config_parses(config):
-    recipe = config.stem.split("_")[0]
-    if recipe != "textcls":
-        pytest.skip(f"{recipe} configs are checked by its own tests")
-    data, model, train = parse(["--config", str(config)])
-    assert train.metric_for_best_model == "macro_f1"
+    recipe = importlib.import_module(config.stem.split("_")[0])
+    args, options = parse_args(recipe.ARGUMENTS, ["--config", str(config)], defaults=recipe.DEFAULTS)
+    assert options.config_file == str(config) and any(o == "config" for o in options.origins.values())
+    if config.stem == recipe.__name__:  # the task's default config spells out the recipe's defaults
+        bare, _ = parse_args(recipe.ARGUMENTS, [], defaults=recipe.DEFAULTS)
+        assert [a.to_dict() if hasattr(a, "to_dict") else a for a in args] == [
+            b.to_dict() if hasattr(b, "to_dict") else b for b in bare
+        ]
+
+
+def test_yaml_values_are_typed_and_checked(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("use_lora: true\nlearning_rate: 1e-4\nmax_length: 64\n")
+    data, model, train = parse(["--config", str(cfg)])
+    assert model.use_lora is True and train.learning_rate == 1e-4 and data.max_length == 64
+    for text, message in (
+        ("use_lora: 'yes'\n", "use_lora: expected true or false"),
+        ("eval_strategy: no\n", "eval_strategy: got the YAML boolean false"),
+        ("long_text: middle\n", "long_text: 'middle' is not one of head, head_tail"),
+        ("max_length: many\n", "max_length: 'many' is not a valid value"),
+    ):
+        cfg.write_text(text)
+        with pytest.raises(DataError, match=message):
+            parse(["--config", str(cfg)])
+
+
+def test_origins_say_who_set_each_value_and_decisions_spare_user_values(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learning_rate: 3.0e-5\n")
+    args, options = parse_args(
+        textcls.ARGUMENTS, ["--config", str(cfg), "--max_length", "64"], textcls.DEFAULTS
+    )
+    assert options.origins["learning_rate"] == "config" and options.origins["max_length"] == "cli"
+    assert options.origins["num_train_epochs"] == "recipe" and options.origins["lora_r"] == "default"
+    train = args[-1]
+    decided = options.decide(train, "a test", learning_rate=1.0, num_train_epochs=7)
+    assert decided.learning_rate == 3e-5 and decided.num_train_epochs == 7  # the user's value stays
+    assert train.num_train_epochs == 2, "parsed arguments are never changed in place"
+    assert options.decided == {
+        "num_train_epochs": {"value": 7, "was": 2, "origin": "recipe", "why": "a test"}
+    }
+    forced = options.decide(train, "paths", override_user=True, learning_rate=1.0)
+    assert forced.learning_rate == 1.0 and options.decided["learning_rate"]["origin"] == "config"
 
 
 def test_default_yaml_equals_the_recipe_defaults():

@@ -140,17 +140,18 @@ def test_measure_reports_both():
     assert set(speed) == {"torch", "onednn"} and all(v > 0 for v in speed.values())
 
 
-def test_load_model_sets_attention_dropout_and_backend(tiny_model):
+def test_load_model_only_loads_and_speed_up_sets_dropout_and_backend(tiny_model):
     from ftkit.models import load_model
+    from ftkit.speed import SpeedArguments, speed_up
 
     labels = {"a": 0, "b": 1}
     kept = load_model(tiny_model, "text-classification", labels)
     assert {m.p for n, m in kept.named_modules() if n.endswith("attention.self.dropout")} == {0.1}
-    model = load_model(
-        tiny_model, "text-classification", labels, attention_dropout=0.0, linear_backend="onednn"
-    )
+    assert all("forward" not in vars(m) for m in kept.modules())  # as loaded: torch's linear
+    model = load_model(tiny_model, "text-classification", labels)
+    decision = speed_up(model, SpeedArguments(attention_dropout=0.0, linear_backend="onednn"))
+    assert decision["linear_backend"] == "onednn"
     dropouts = [m for n, m in model.named_modules() if n.endswith("attention.self.dropout")]
     assert len(dropouts) == 2 and all(m.p == 0.0 for m in dropouts)  # one per layer
     assert model.config.attention_probs_dropout_prob == 0.0  # saved config.json says so too
     assert all("forward" in vars(m) for m in model.modules() if isinstance(m, nn.Linear))
-    assert all("forward" not in vars(m) for m in kept.modules())  # default backend: torch's

@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForTokenClassification, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 import ner  # noqa: E402
 
 from ftkit import DataError  # noqa: E402
-from ftkit.config import parse_args  # noqa: E402
 from ftkit.conll import read_conll  # noqa: E402
-from ftkit.models import ModelArguments  # noqa: E402
 from ftkit.ner import decode_tags, encode_sentences, entity_metrics, predict_entities, predict_word_logits  # noqa: E402
 from ftkit.predict import load_run  # noqa: E402
 
@@ -189,21 +187,6 @@ def test_bad_training_file_names_file_and_line(tiny_model, tmp_path):
     bad.write_text("EU NNP B-ORG\nrejects VBZ\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.conll:2: found 2 columns, expected 3"):
         ner.main(recipe_args(tiny_model, tmp_path / "out", "--train_file", str(bad)))
-
-
-@pytest.mark.parametrize("name", ["ner.yaml", "ner_lora.yaml"])
-def test_shipped_configs_parse(name):
-    types = (ner.DataArguments, ModelArguments, TrainingArguments)
-    data, model, training = parse_args(
-        types, ["--config", str(ROOT / "recipes/configs" / name)], ner.TRAINING_DEFAULTS
-    )
-    assert data.dataset_name == "conll2003" and data.context == "document"
-    if name == "ner.yaml":
-        # The YAML repeats the built-in defaults: `make recipe TASK=ner` and a bare run agree.
-        bare = parse_args(types, [], ner.TRAINING_DEFAULTS)
-        assert (data, model) == bare[:2] and training.to_dict() == bare[2].to_dict()
-    else:
-        assert model.use_lora
 
 
 def test_ftkit_predict_cli_writes_entities(full_run, tmp_path):

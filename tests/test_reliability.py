@@ -26,12 +26,12 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import safe_globals
 
 from ftkit import DataError
+from ftkit.metrics import exact_eval_loss
 from ftkit.reliability import (
     MARKER,
     CrashSafeCheckpoints,
     NonFiniteError,
     NonFiniteGuard,
-    exact_eval_loss,
     list_checkpoints,
     mark_complete,
     prune_checkpoints,
