@@ -110,6 +110,12 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     # takes no token count, BERT heads included: gradients and logged losses come out N times too
     # large in a multi-process run (transformers issue #37474).
     "average_tokens_across_devices": False,
+    # Every parameter of the recipes' models gets a gradient at every step (LoRA's frozen base weights
+    # are not "unused": DDP skips them as not requiring grad), so DDP need not search the autograd
+    # graph for unused ones after each backward (None, the default, searches and warns on every
+    # rank). A model whose batches leave some parameters out (a multi-task model fed one task at a
+    # time) sets it back to True.
+    "ddp_find_unused_parameters": False,
     # Without a GPU, use_cpu makes accelerate set up a multi-process launch (accelerate --multi_gpu,
     # torchrun) as gloo ranks with DDP (ddp_backend=gloo alone gives ranks that never sync gradients),
     # and lets `--bf16 true` train in bf16 autocast on the CPU.

@@ -6,6 +6,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
@@ -116,13 +117,22 @@ def add_lora(model, config: LoraConfig | None):
     return model
 
 
-def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool) -> None:
+def save_model(
+    model, tokenizer, out_dir: str | Path, merge_lora: bool, state_dict: dict[str, Any] | None = None
+) -> None:
     """Save as safetensors: a plain model to `out_dir`, or for LoRA the adapter to `out_dir/adapter`
-    (plus the merged plain model in `out_dir` when `merge_lora`). Config and tokenizer always go to `out_dir`."""
+    (plus the merged plain model in `out_dir` when `merge_lora`). Config and tokenizer always go to `out_dir`.
+
+    `state_dict`: the full weights when the model's own are sharded (FSDP), gathered by the caller."""
     out_dir = Path(out_dir)
     tokenizer.save_pretrained(out_dir)
     if isinstance(model, PeftModel):
-        model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+        if merge_lora and state_dict is not None:  # a sharded model cannot be copied and merged here
+            logger.warning(
+                "--merge_lora skipped under FSDP: `ftkit compress RUN --merge-lora --out DIR` merges"
+            )
+            merge_lora = False
+        model.save_pretrained(out_dir / "adapter", state_dict=state_dict, safe_serialization=True)
         base_config = model.get_base_model().config
         if merge_lora:
             # merge_and_unload changes the wrapped modules in place, so merge a copy.
@@ -130,4 +140,4 @@ def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool) -> None:
         else:
             base_config.save_pretrained(out_dir)
     else:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)

@@ -26,6 +26,11 @@ from ftkit.packages import default_model_path
 
 logger = logging.getLogger(__name__)
 
+# The distributed types for which accelerate 1.15 enables FSDP (AcceleratorState.__init__).
+FSDP_TYPES = frozenset(
+    f"MULTI_{name}" for name in ("GPU", "MLU", "SDAA", "MUSA", "NPU", "XPU", "HPU", "NEURON")
+)
+
 RUN_FILE = "ftkit_run.json"
 # Version of the ftkit_run.json format; `read_run_info` refuses newer ones. Runs written before it
 # existed have the same keys and count as version 1.
@@ -81,13 +86,44 @@ def start_run(name: str, training_args, run_args: RunArguments, options: Options
 
     Returns (run_dir, training_args): a new TrainingArguments whose output_dir is `run_dir/checkpoints`.
     """
-    setup_logging(training_args.should_log)
+    setup_logging(training_args.should_log)  # should_log sets up accelerate's PartialState
+    check_engine(training_args)
     run_dir = make_run_dir(name, training_args.output_dir, resume=bool(run_args.resume))
     why = "checkpoints live in the run directory"
     training_args = options.decide(
         training_args, why, override_user=True, output_dir=str(run_dir / "checkpoints")
     )
     return run_dir, training_args
+
+
+def check_engine(training_args) -> None:
+    """Refuse a launch that asks for FSDP or DeepSpeed where accelerate would not run it.
+
+    accelerate 1.15 turns FSDP on only for GPU-class distributed types (CUDA/ROCm, XPU, NPU, ...) and
+    DeepSpeed only off the CPU; elsewhere it trains with plain DDP and says nothing. `accelerate
+    launch` tells the processes through ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED; a recipe's
+    `--fsdp` option asks the same through TrainingArguments.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, str_to_bool
+
+    def env_flag(name: str) -> bool:
+        return bool(str_to_bool(os.environ.get(name, "false")))
+
+    kind = PartialState().distributed_type
+    if (env_flag("ACCELERATE_USE_FSDP") or training_args.fsdp_plugin_args is not None) and (
+        kind.value not in FSDP_TYPES
+    ):
+        engine = "FSDP"
+    elif env_flag("ACCELERATE_USE_DEEPSPEED") and kind != DistributedType.DEEPSPEED:
+        engine = "DeepSpeed"
+    else:
+        return
+    raise DataError(
+        f"the launch asks for {engine}, which accelerate runs only on GPU-class devices; here "
+        f"({kind.value}) it would silently train without it: on this machine use "
+        "recipes/accelerate/cpu.yaml (or accelerate launch --multi_gpu)"
+    )
 
 
 def setup_logging(is_main: bool) -> None:
@@ -351,6 +387,8 @@ def save_run(
     test rows for test_predictions.jsonl; `report` the test report as (JSON or None, text); `confusion`
     (matrix, class names); `data` and `title` go into the model card.
     """
+    # FSDP shards the weights over the ranks: all of them take part in gathering the full state dict.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if not trainer.is_world_process_zero():
         return
     model_args = next(a for a in args if hasattr(a, "merge_lora"))
@@ -363,7 +401,7 @@ def save_run(
         **{k: v for k, v in info.items() if k != "task"},
     }
     write_json(run_dir / RUN_FILE, run_info)
-    save_model(trainer.model, tokenizer, run_dir, model_args.merge_lora)
+    save_model(trainer.model, tokenizer, run_dir, model_args.merge_lora, state_dict)
     write_json(run_dir / "all_results.json", results)
     report_text = None
     if report is not None:
