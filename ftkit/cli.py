@@ -55,6 +55,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_cp(args: argparse.Namespace) -> None:
     src_dir = recipes_dir()
+    if args.recipe == "accelerate":  # the launch configs (recipes/accelerate/*.yaml) into a folder
+        dest = Path(args.dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        for config in sorted((src_dir / "accelerate").glob("*.yaml")):
+            if (dest / config.name).exists() and not args.force:
+                raise DataError(f"{dest / config.name} exists; pass --force to overwrite")
+            shutil.copyfile(config, dest / config.name)
+        print(f"copied the accelerate configs to {dest}: accelerate launch --config_file {dest}/ddp.yaml ...")
+        return
     src = src_dir / f"{args.recipe}.py"
     if not src.is_file():
         names = sorted(p.stem for p in src_dir.glob("*.py") if not p.name.startswith("_"))
@@ -137,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("cp", help="copy a recipe (and its configs) out of the repository to adapt it")
-    p.add_argument("recipe", help="recipe name, e.g. textcls")
+    p.add_argument("recipe", help="recipe name, e.g. textcls; `accelerate`: the launch configs")
     p.add_argument("dest", help="target file (my_task.py) or folder")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.set_defaults(func=cmd_cp)

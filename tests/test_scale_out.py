@@ -260,3 +260,26 @@ def test_two_rank_lora_trains_without_the_unused_parameter_search(tiny_model, fi
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "find_unused_parameters=True" not in proc.stderr
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gpu_report_turns_a_run_directory_into_tokens_per_second_and_mfu(one_process_run):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_report import datasheet_peak, run_row
+
+    assert (
+        datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16") == 312 and datasheet_peak("Tesla T4", "bf16") is None
+    )
+    results = json.loads((one_process_run / "all_results.json").read_text())
+    peaks = {"bf16": {"measured": 100.0, "datasheet": None}, "fp16": {"measured": 50.0, "datasheet": 60.0}}
+    row = run_row("textcls-ddp2-fp16", 2, one_process_run, peaks)
+    assert row["real_tokens_per_s"] == results["train_real_tokens_per_second"]
+    assert row["mfu_measured"] == pytest.approx(row["train_tflops"] / 100) and row["mfu_datasheet"] > 0
+    assert row["test_accuracy"] == results["test_accuracy"] and row["train_tflops"] > 0
+
+
+def test_ftkit_cp_copies_the_accelerate_configs(tmp_path):
+    from ftkit.cli import main as ftkit_main
+
+    assert ftkit_main(["cp", "accelerate", str(tmp_path / "launch")]) == 0
+    assert sorted(p.name for p in (tmp_path / "launch").iterdir()) == sorted(p.name for p in CONFIGS)
+    assert ftkit_main(["cp", "accelerate", str(tmp_path / "launch")]) == 2  # exists, no --force
