@@ -292,7 +292,22 @@ class NonFiniteGuard(TrainerCallback):
 
 
 def _check_weights(model: torch.nn.Module, step: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    found, sharded, device = None, False, None
     for name, param in model.named_parameters():
-        bad = param.detach()[~torch.isfinite(param.detach())]
+        weights = param.detach()
+        if isinstance(weights, DTensor):  # FSDP2: each rank checks its own shard
+            weights, sharded = weights.to_local(), True
+        device = weights.device
+        bad = weights[~torch.isfinite(weights)]
         if bad.numel():
-            raise NonFiniteError(f"weight {name}", float(bad[0]), step, "nothing was saved for this step")
+            found = (f"weight {name}", float(bad[0]))
+            break
+    if sharded:  # the bad value sits in one rank's shard: every rank must stop, or the others hang
+        flag = torch.tensor([float(found is not None)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and found is None:
+            found = ("weight (in another rank's shard)", math.nan)
+    if found:
+        raise NonFiniteError(*found, step, "nothing was saved for this step")

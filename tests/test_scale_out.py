@@ -3,11 +3,12 @@
 Fast (`make test`): every config parses with accelerate's own loader, FSDP's wrap class is a class
 of the BERT model, FSDP/DeepSpeed are refused where accelerate would silently run plain DDP, and
 bench/gpu_check.sh is valid bash whose --dry-run prints its commands.
-Slow (`make test-slow`, ~1-2 minutes on 2 cores): real `accelerate launch` runs of the text
+Slow (`make test-slow`, 1-3 minutes each on 2 shared cores): real `accelerate launch` runs of the text
 classification recipe on the tiny model: 2 CPU gloo ranks on one machine (recipes/accelerate/cpu.yaml)
 and 2 "machines" of one process each on loopback (--num_machines 2 --machine_rank 0/1) both end with
 the weights of a one-process run with the same global batch; a 2-rank LoRA run trains with
-ddp_find_unused_parameters=False.
+ddp_find_unused_parameters=False; FSDP2 sharding on 2 gloo ranks (tests/fsdp_on_cpu.py tells
+accelerate they are GPUs): a sharded checkpoint resumes exactly and the run saves one plain model.
 """
 
 from __future__ import annotations
@@ -283,3 +284,37 @@ def test_ftkit_cp_copies_the_accelerate_configs(tmp_path):
     assert ftkit_main(["cp", "accelerate", str(tmp_path / "launch")]) == 0
     assert sorted(p.name for p in (tmp_path / "launch").iterdir()) == sorted(p.name for p in CONFIGS)
     assert ftkit_main(["cp", "accelerate", str(tmp_path / "launch")]) == 2  # exists, no --force
+
+
+@pytest.mark.slow
+def test_sharded_fsdp2_checkpoint_resumes_exactly_and_the_run_saves_one_plain_model(
+    tiny_model, fixtures, tmp_path
+):
+    # Real fully_shard on 2 gloo ranks, with accelerate told they are GPUs (tests/fsdp_on_cpu.py).
+    def launch(out: Path, *extra: str) -> None:
+        cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml")]
+        cmd += ["--main_process_port", str(free_port()), str(ROOT / "tests" / "fsdp_on_cpu.py")]
+        cmd += recipe_args(
+            tiny_model, fixtures, out, "--max_steps", "4", "--per_device_train_batch_size", "4"
+        )
+        cmd += ["--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no"]
+        cmd += ["--load_best_model_at_end", "false", "--linear_backend", "torch", *extra]
+        proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Saving model to" in proc.stderr and "pytorch_model_fsdp_0" in proc.stderr
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    launch(whole)
+    step2 = whole / "checkpoints" / "checkpoint-2"
+    marker = json.loads((step2 / "ftkit_complete.json").read_text())
+    assert {"pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"} <= set(marker["files"])
+    shutil.copytree(step2, resumed / "checkpoints" / "checkpoint-2")
+    launch(resumed, "--resume", "auto")
+    # The run directory holds one plain, gathered model (not shards), equal to the uninterrupted run's.
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(resumed).num_labels == 3
+    wa, wb = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    base = load_file(Path(tiny_model) / "model.safetensors")["encoder.layer.0.attention.self.query.weight"]
+    assert not torch.equal(wa["bert.encoder.layer.0.attention.self.query.weight"], base), "it trained"
