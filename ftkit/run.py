@@ -120,9 +120,9 @@ def check_engine(training_args) -> None:
     else:
         return
     raise DataError(
-        f"the launch asks for {engine}, which accelerate runs only on GPU-class devices; here "
-        f"({kind.value}) it would silently train without it: on this machine use "
-        "recipes/accelerate/cpu.yaml (or accelerate launch --multi_gpu)"
+        f"the launch asks for {engine}, which accelerate runs only on GPU-class devices (started by "
+        f"accelerate launch); here (distributed type {kind.value}) it would silently train without it: "
+        "without GPUs use recipes/accelerate/cpu.yaml"
     )
 
 
