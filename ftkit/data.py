@@ -86,6 +86,10 @@ class TextSource:
     test_fraction: float = field(
         default=0.1, metadata={"help": "Share of the data held out for test when no test split is given."}
     )
+    split_seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the splits ftkit carves; --seed moves training only, not the test rows."},
+    )
 
 
 @dataclass
@@ -584,7 +588,7 @@ def load_text_splits(
     encoding_errors: str = "strict",
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
-    seed: int = 42,
+    split_seed: int = 42,
 ) -> tuple[dict[str, list[Row]], LoadStats]:
     """Load train/validation/test rows from whichever source is given, then dedupe and split.
 
@@ -638,8 +642,10 @@ def load_text_splits(
                     len(splits.get(s, [])) for s in made if s != split and s in splits
                 )
                 frac = fraction * total / len(splits["train"])
-                splits["train"], splits[split] = stratified_split(splits["train"], frac, seed)
-        stats.split_made = f"{', '.join(made)} carved from train (stratified, seed {seed}, after dedupe)"
+                splits["train"], splits[split] = stratified_split(splits["train"], frac, split_seed)
+        stats.split_made = (
+            f"{', '.join(made)} carved from train (stratified, split seed {split_seed}, after dedupe)"
+        )
         logger.info("made the %s split(s) from train: %s", "/".join(made), stats.split_made)
 
     train_texts = {r["text"].strip() for r in splits["train"]}

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     # [end shared]
 
     # ---- Data: load, ratings, tokenize ---------------------------------------------------------
-    splits, stats = load_text_splits(**vars(source), seed=training_args.seed)
+    splits, stats = load_text_splits(**vars(source))
     target = {split: [rating(r) for r in rows] for split, rows in splits.items()}
     low, high = min(target["train"]), max(target["train"])
     logger.info("data: %s; ratings %g..%g; rows %s", stats.source, low, high, stats.rows)

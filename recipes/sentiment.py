@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     # [end shared]
 
     # ---- Data: load, labels (ratings to polarity), tokenize ----------------------------------
-    splits, stats = load_text_splits(**vars(source), seed=training_args.seed)
+    splits, stats = load_text_splits(**vars(source))
     if data_args.rating_to_polarity is not None:
         ratings_to_polarity(splits, stats, data_args.rating_to_polarity)
     label2id, _ = label_maps([r["label"] for r in splits["train"]])

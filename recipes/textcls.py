@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     # [end shared]
 
     # ---- Data: load, check labels, tokenize -------------------------------------------------
-    splits, stats = load_text_splits(**vars(source), seed=training_args.seed)
+    splits, stats = load_text_splits(**vars(source))
     label2id, _ = label_maps([r["label"] for r in splits["train"]])
     added_labels = check_labels(splits, label2id, data_args.add_unseen_labels)
     names = list(label2id)
