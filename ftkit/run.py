@@ -261,7 +261,8 @@ def write_model_card(
             else []
         ),
         "\n## Results\n",
-        table({k: v for k, v in results.items() if k.startswith(("eval_", "test_", "train_"))}),
+        *([f"**Warning:** {results['baseline_warning']}\n"] if results.get("baseline_warning") else []),
+        table({k: v for k, v in results.items() if k.startswith(("eval_", "test_", "train_", "baseline_"))}),
     ]
     if report_text:
         parts += ["\n## Per-class report (test)\n", "```\n" + report_text + "```"]
