@@ -37,7 +37,7 @@ MANIFEST_PACKAGES = (
 # The options a model card lists (those a run has); config.yaml in the run directory holds all.
 CARD_HYPERPARAMETERS = (
     "task", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length",
-    "long_text", "stride", "context", "decode", "case_feature", "class_weights", "calibrate", "lr_scheduler_type",
+    "long_text", "stride", "max_chunks", "context", "decode", "case_feature", "class_weights", "calibrate", "lr_scheduler_type",
     "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
 )  # fmt: skip
 
