@@ -173,3 +173,16 @@ def test_seed_spread_summary():
     assert out["test_accuracy"]["mean"] == pytest.approx(0.97) and out["test_accuracy"][
         "sd"
     ] == pytest.approx(0.01414, abs=1e-4)
+
+
+def test_the_split_has_its_own_seed(fixtures):
+    from ftkit.data import load_text_splits
+
+    def split(*argv):
+        train = ["--train_file", str(fixtures / "textcls" / "train.csv")]
+        (source, *_), _ = parse_args(textcls.ARGUMENTS, [*train, *argv], defaults=textcls.DEFAULTS)
+        splits, _ = load_text_splits(**vars(source))
+        return [r["origin"] for r in splits["test"]]
+
+    assert split("--seed", "1") == split("--seed", "2")
+    assert split("--split_seed", "1") != split("--split_seed", "2")

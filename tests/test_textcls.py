@@ -244,3 +244,13 @@ def test_chunks_pool_in_the_recipe_in_predict_and_in_onnx(tiny_model, fixtures, 
         onnx, tok, texts, json.loads((onnx_dir / "ftkit_run.json").read_text()), progress=False
     )
     np.testing.assert_allclose(got, saved, atol=1e-4)
+
+
+def test_the_baseline_scores_the_test_rows_of_the_run(full_run):
+    out, results = full_run
+    assert results["baseline_test_rows"] == results["data_test_rows"] == 12
+    assert results["baseline_eval_rows"] == results["data_validation_rows"]
+    assert 0 <= results["baseline_test_accuracy"] <= 1 and "baseline_test_macro_f1" in results
+    card = (out / "README.md").read_text()
+    assert "baseline_test_accuracy" in card
+    assert ("**Warning:**" in card) == (not results["baseline_beaten"])
