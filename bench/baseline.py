@@ -67,7 +67,7 @@ def train_and_validate(trainer) -> dict:
 
 def textcls(trainer_cls, output_dir: str, dataset_name: str = "bbc-news", **overrides) -> dict:
     """Train and validate the baseline text classifier; `overrides` go to TrainingArguments."""
-    splits, _ = load_text_splits(dataset_name=dataset_name, seed=42)
+    splits, _ = load_text_splits(dataset_name=dataset_name, split_seed=42)
     labels = sorted({label_key(r["label"]) for r in splits["train"]})  # the example sorts label names
     label2id = {name: i for i, name in enumerate(labels)}
     model_path = default_model_path()
@@ -116,7 +116,7 @@ def textcls(trainer_cls, output_dir: str, dataset_name: str = "bbc-news", **over
 
 def ner(trainer_cls, output_dir: str, dataset_name: str = "conll2003", **overrides) -> dict:
     """Train and validate the baseline tagger (one sentence per row); `overrides` go to TrainingArguments."""
-    splits, _ = load_tagged_splits(dataset_name=dataset_name, seed=42)
+    splits, _ = load_tagged_splits(dataset_name=dataset_name, split_seed=42)
     names = label_list([s for split in splits.values() for s in split])
     label2id = {name: i for i, name in enumerate(names)}
     model_path = default_model_path()

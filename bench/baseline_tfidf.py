@@ -27,7 +27,7 @@ from ftkit.data import load_text_splits
 
 
 def run(dataset: str, seed: int) -> dict:
-    splits, stats = load_text_splits(dataset_name=dataset, seed=seed)
+    splits, stats = load_text_splits(dataset_name=dataset, split_seed=seed)
     texts = {s: [r["text"] for r in rows] for s, rows in splits.items()}
     labels = {s: [str(r["label"]) for r in rows] for s, rows in splits.items()}
     start = time.perf_counter()

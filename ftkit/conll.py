@@ -335,6 +335,12 @@ class TaggedSource:
     holdout_fraction: float = field(
         default=0.1, metadata={"help": "Share of train documents held out for a missing split."}
     )
+    split_seed: int = field(
+        default=42,
+        metadata={
+            "help": "Seed of the splits ftkit holds out; --seed moves training only, not the test rows."
+        },
+    )
 
 
 def load_conll2003() -> dict[str, list[Sentence]]:
@@ -407,7 +413,7 @@ def load_tagged_splits(
     tag_column: int = -1,
     tag_scheme: str = "auto",
     holdout_fraction: float = 0.1,
-    seed: int = 42,
+    split_seed: int = 42,
 ) -> tuple[dict[str, list[Sentence]], str]:
     """Train/validation/test sentences (IOB2) and a description of the source.
 
@@ -426,5 +432,5 @@ def load_tagged_splits(
             raise DataError(f"{dataset_name}: no train split")
     for k, split in enumerate(("test", "validation")):
         if split not in splits:
-            splits["train"], splits[split] = hold_out(splits["train"], holdout_fraction, seed + k)
+            splits["train"], splits[split] = hold_out(splits["train"], holdout_fraction, split_seed + k)
     return {k: splits[k] for k in SPLITS}, source

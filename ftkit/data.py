@@ -86,6 +86,10 @@ class TextSource:
     test_fraction: float = field(
         default=0.1, metadata={"help": "Share of the data held out for test when no test split is given."}
     )
+    split_seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the splits ftkit carves; --seed moves training only, not the test rows."},
+    )
 
 
 @dataclass
@@ -554,9 +558,13 @@ def check_labels(splits: dict[str, list[Row]], label2id: dict[str, int], add_uns
     return added
 
 
-def to_datasets(splits: dict[str, list[Row]]) -> datasets.DatasetDict:
-    """Rows to a DatasetDict with string labels (so ints and strings behave the same)."""
-    return datasets.DatasetDict(
+def to_datasets(splits: dict[str, list[Row]], preprocess=None) -> datasets.DatasetDict:
+    """Rows to a DatasetDict with string labels (so ints and strings behave the same).
+
+    With `preprocess(batch, indices, split)` each split is mapped through it in batches (the row
+    indices and the split name let it look up per-row targets), replacing the text, label and origin
+    columns with what it returns (e.g. `ftkit.text.encode_texts`'s tokens)."""
+    ds = datasets.DatasetDict(
         {
             split: datasets.Dataset.from_dict(
                 {
@@ -568,6 +576,13 @@ def to_datasets(splits: dict[str, list[Row]]) -> datasets.DatasetDict:
             for split, rows in splits.items()
         }
     )
+    if preprocess is not None:
+        for split in ds:
+            ds[split] = ds[split].map(
+                preprocess, batched=True, with_indices=True, fn_kwargs={"split": split},
+                remove_columns=["text", "label", "origin"], desc=f"Tokenizing {split}",
+            )  # fmt: skip
+    return ds
 
 
 def load_text_splits(
@@ -584,7 +599,7 @@ def load_text_splits(
     encoding_errors: str = "strict",
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
-    seed: int = 42,
+    split_seed: int = 42,
 ) -> tuple[dict[str, list[Row]], LoadStats]:
     """Load train/validation/test rows from whichever source is given, then dedupe and split.
 
@@ -638,8 +653,10 @@ def load_text_splits(
                     len(splits.get(s, [])) for s in made if s != split and s in splits
                 )
                 frac = fraction * total / len(splits["train"])
-                splits["train"], splits[split] = stratified_split(splits["train"], frac, seed)
-        stats.split_made = f"{', '.join(made)} carved from train (stratified, seed {seed}, after dedupe)"
+                splits["train"], splits[split] = stratified_split(splits["train"], frac, split_seed)
+        stats.split_made = (
+            f"{', '.join(made)} carved from train (stratified, split seed {split_seed}, after dedupe)"
+        )
         logger.info("made the %s split(s) from train: %s", "/".join(made), stats.split_made)
 
     train_texts = {r["text"].strip() for r in splits["train"]}
@@ -655,3 +672,20 @@ def load_text_splits(
             f"{stats.source}: the training data has {n_classes} class(es); classification needs at least 2"
         )
     return splits, stats
+
+
+def ratings_to_polarity(splits: dict[str, list[dict]], stats: LoadStats, threshold: float) -> None:
+    """Ratings below `threshold` become negative, above it positive. Ratings equal to it are dropped
+    and counted in `stats`: a middle rating is neither, and amazon/yelp polarity drop them too."""
+    dropped = 0
+    for split, rows in splits.items():
+        values = [rating(row) for row in rows]
+        dropped += sum(v == threshold for v in values)
+        labels = ["positive" if v > threshold else "negative" for v in values]
+        splits[split] = [
+            {**r, "label": y} for r, y, v in zip(rows, labels, values, strict=True) if v != threshold
+        ]
+    stats.skipped["rating_at_threshold"] = dropped
+    stats.rows = {split: len(rows) for split, rows in splits.items()}
+    if len({r["label"] for r in splits["train"]}) < 2:
+        raise DataError(f"{stats.source}: after --rating_to_polarity only one class is left in train")

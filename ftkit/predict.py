@@ -64,7 +64,12 @@ def predict_texts(
     the windows of one text are scored and their probabilities averaged into one prediction.
     """
     enc = encode_texts(
-        tokenizer, texts, info["max_length"], info.get("long_text", "head"), info.get("stride", 64)
+        tokenizer,
+        texts,
+        info["max_length"],
+        info.get("long_text", "head"),
+        info.get("stride", 64),
+        info.get("max_chunks", 0),
     )
     order = np.argsort([-n for n in enc["length"]], kind="stable")
     outputs: list[np.ndarray] = [None] * len(order)  # type: ignore[list-item]

@@ -42,7 +42,7 @@ MANIFEST_PACKAGES = (
 # The options a model card lists (those a run has); config.yaml in the run directory holds all.
 CARD_HYPERPARAMETERS = (
     "task", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length",
-    "long_text", "stride", "context", "decode", "case_feature", "class_weights", "calibrate", "lr_scheduler_type",
+    "long_text", "stride", "max_chunks", "context", "decode", "case_feature", "class_weights", "calibrate", "lr_scheduler_type",
     "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
 )  # fmt: skip
 
@@ -297,7 +297,8 @@ def write_model_card(
             else []
         ),
         "\n## Results\n",
-        table({k: v for k, v in results.items() if k.startswith(("eval_", "test_", "train_"))}),
+        *([f"**Warning:** {results['baseline_warning']}\n"] if results.get("baseline_warning") else []),
+        table({k: v for k, v in results.items() if k.startswith(("eval_", "test_", "train_", "baseline_"))}),
     ]
     if report_text:
         parts += ["\n## Per-class report (test)\n", "```\n" + report_text + "```"]

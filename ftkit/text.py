@@ -32,13 +32,119 @@ def keep_tokens(ids: list[int], budget: int, policy: str) -> list[int]:
     raise DataError(f"unknown long-text policy {policy!r}; choose from {LONG_TEXT_POLICIES}")
 
 
-def chunk_tokens(ids: list[int], budget: int, stride: int) -> list[list[int]]:
-    """Overlapping windows of `budget` tokens that cover every token; consecutive windows share `stride`."""
+def chunk_tokens(ids: list[int], budget: int, stride: int, max_chunks: int = 0) -> list[list[int]]:
+    """Overlapping windows of `budget` tokens that cover every token; consecutive windows share `stride`.
+
+    With `max_chunks` > 0 a text with more windows keeps that many, spread evenly over it (the first
+    and the last always among them), so one very long text cannot dominate the run's cost."""
     if len(ids) <= budget:
         return [ids]
     step = max(1, budget - stride)
     starts = list(range(0, len(ids) - budget, step)) + [len(ids) - budget]
+    if 0 < max_chunks < len(starts):
+        starts = [starts[round(i)] for i in np.linspace(0, len(starts) - 1, max_chunks)]
     return [ids[s : s + budget] for s in starts]
+
+
+def n_chunks(n_tokens: int, budget: int, stride: int) -> int:
+    """How many windows `chunk_tokens` makes of a text of `n_tokens` tokens (no cap)."""
+    if n_tokens <= budget:
+        return 1
+    step = max(1, budget - stride)
+    return len(range(0, n_tokens - budget, step)) + 1
+
+
+# --long_text auto: a text share cut off at or below CUT_HEAD keeps `head`; up to CUT_HEAD_TAIL (most
+# of each text fits) `head_tail`; beyond it `chunks`, whose windows per text are capped so that one
+# epoch stays within TOKEN_BUDGET training tokens. AUTO_MAX_LENGTH is the length auto may raise
+# max_length to (BBC News: head_tail at 256 gave test accuracy 0.986, head at 128 0.967).
+CUT_HEAD, CUT_HEAD_TAIL = 0.10, 0.50
+AUTO_MAX_LENGTH = 256
+TOKEN_BUDGET = 1_500_000
+# For the cost estimate in the log: training tokens per second of MiniLM-L6 on 2 CPU cores (an estimate
+# from the recipes' runs, not a measurement of this machine).
+TOKENS_PER_SECOND = 2_500
+
+
+def cut_share(lengths: Sequence[int], budget: int) -> float:
+    """The share of all tokens that lies beyond `budget` tokens of their text."""
+    total = sum(lengths)
+    return sum(max(0, n - budget) for n in lengths) / total if total else 0.0
+
+
+def choose_long_text(
+    lengths: Sequence[int],
+    max_length: int,
+    specials: int = 2,
+    stride: int = 32,
+    may_grow: bool = True,
+    token_budget: int = TOKEN_BUDGET,
+) -> dict:
+    """The long-text policy for training texts of `lengths` tokens (no special tokens).
+
+    Returns `long_text`, `max_length`, `max_chunks` and `why`: `head` when at most CUT_HEAD of the
+    tokens lie beyond `max_length`; otherwise (at AUTO_MAX_LENGTH when `may_grow` and that is longer)
+    `head_tail` when at most CUT_HEAD_TAIL is cut, else `chunks` with as many windows per text as keep
+    an epoch within `token_budget` tokens (at least 2; 0 = no cap needed).
+    """
+    share = cut_share(lengths, max_length - specials)
+    why = f"{share:.0%} of the training tokens lie beyond max_length={max_length}"
+    if share <= CUT_HEAD:
+        return {"long_text": "head", "max_length": max_length, "max_chunks": 0, "why": why + ": head"}
+    if may_grow and max_length < AUTO_MAX_LENGTH:
+        max_length = AUTO_MAX_LENGTH
+        share = cut_share(lengths, max_length - specials)
+        why += f", {share:.0%} beyond {max_length}"
+    budget = max_length - specials
+    if share <= CUT_HEAD_TAIL:
+        tokens = sum(min(n, budget) for n in lengths)
+        return {
+            "long_text": "head_tail",
+            "max_length": max_length,
+            "max_chunks": 0,
+            "why": f"{why}: head_tail (start + end of each text), {tokens:,} tokens per epoch",
+        }
+    windows = [n_chunks(n, budget, stride) for n in lengths]
+    cap = 0
+    if sum(windows) * max_length > token_budget:
+        cap = max(
+            [2]
+            + [
+                c
+                for c in range(2, max(windows) + 1)
+                if sum(min(w, c) for w in windows) * max_length <= token_budget
+            ]
+        )
+    rows = sum(min(w, cap) if cap else w for w in windows)
+    minutes = rows * max_length / TOKENS_PER_SECOND / 60
+    capped = f", at most {cap} windows per text (time budget)" if cap else ""
+    return {
+        "long_text": "chunks",
+        "max_length": max_length,
+        "max_chunks": cap,
+        "why": f"{why}: chunks{capped}, {rows:,} windows of {len(lengths):,} texts, about {minutes:.0f} min "
+        f"per epoch at ~{TOKENS_PER_SECOND:,} tokens/s (2 CPU cores)",
+    }
+
+
+def decide_long_text(options, data_args, tokenizer, texts: list[str]):
+    """`--long_text auto`: measure the training texts and set `long_text`, `max_length` (when the user
+    did not set it) and `max_chunks` through `options.decide` (`choose_long_text`). Any other policy,
+    and every value the user set, stays as it is. Returns the new data arguments."""
+    if data_args.long_text != "auto":
+        return data_args
+    raw = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    prefix, suffix = special_tokens_template(tokenizer)
+    choice = choose_long_text(
+        [len(x) for x in raw],
+        data_args.max_length,
+        specials=len(prefix) + len(suffix),
+        stride=data_args.stride,
+        may_grow=not options.user_set("max_length"),
+    )
+    why = "--long_text auto: " + choice.pop("why")
+    data_args = options.decide(data_args, why, override_user=True, long_text=choice.pop("long_text"))
+    return options.decide(data_args, why, **choice)
 
 
 def special_tokens_template(tokenizer) -> tuple[list[int], list[int]]:
@@ -52,13 +158,13 @@ def special_tokens_template(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def encode_texts(
-    tokenizer, texts: list[str], max_length: int, policy: str = "head", stride: int = 64
+    tokenizer, texts: list[str], max_length: int, policy: str = "head", stride: int = 64, max_chunks: int = 0
 ) -> dict[str, list]:
     """Tokenize a batch of texts without padding (the collator pads per batch).
 
     Returns `input_ids`, `attention_mask`, `length` (tokens incl. specials), `truncated` (1 when the
     text did not fit) and `chunk_of` (index of the source text in the batch; with `chunks` a text
-    yields several rows). Use it under `datasets.map(batched=True)`.
+    yields several rows, at most `max_chunks` when > 0). Use it under `datasets.map(batched=True)`.
     """
     if policy not in LONG_TEXT_POLICIES:
         raise DataError(f"unknown long-text policy {policy!r}; choose from {LONG_TEXT_POLICIES}")
@@ -76,7 +182,9 @@ def encode_texts(
     }
     for i, ids in enumerate(raw):
         pieces = (
-            chunk_tokens(ids, budget, stride) if policy == "chunks" else [keep_tokens(ids, budget, policy)]
+            chunk_tokens(ids, budget, stride, max_chunks)
+            if policy == "chunks"
+            else [keep_tokens(ids, budget, policy)]
         )
         for piece in pieces:
             full = prefix + piece + suffix

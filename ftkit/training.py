@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import math
 from pathlib import Path
 
+from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import PredictionOutput
+
+logger = logging.getLogger(__name__)
 
 
 def pad_stats(dataloader) -> tuple[int, int]:
@@ -51,3 +56,72 @@ def predict_in_row_order(trainer, dataset, metric_key_prefix: str = "test") -> P
         return trainer.predict(dataset, metric_key_prefix=metric_key_prefix)
     finally:
         trainer.args = own
+
+
+# Training length from the data: at least MIN_STEPS optimizer steps (a small training set gets more
+# epochs: ~1,900 tweets trained 55 steps in 3 epochs and reached entity F1 0.13, 10 epochs 0.52), at
+# most MAX_EPOCHS; early stopping on the validation metric ends a run that stops improving.
+MIN_STEPS = 250
+MAX_EPOCHS = 20
+# LoRA trains adapters and the head only and takes a larger learning rate than full fine-tuning
+# (textcls on BBC: 1e-4 gave test accuracy 0.930, 5e-4 0.986).
+LORA_LEARNING_RATE = 5e-4
+
+
+def training_epochs(
+    rows: int, batch_size: int, epochs: float, min_steps: int = MIN_STEPS, max_epochs: int = MAX_EPOCHS
+) -> tuple[float, str]:
+    """Epochs to train `rows` training rows in batches of `batch_size` (over all ranks and accumulation):
+    `epochs` (the recipe's default) raised until the run makes `min_steps` optimizer steps, at most
+    `max_epochs`. Returns (epochs, why)."""
+    per_epoch = max(1, math.ceil(rows / batch_size))
+    need = math.ceil(min_steps / per_epoch)
+    if need <= epochs:
+        return (
+            epochs,
+            f"{rows} rows / batch {batch_size} = {per_epoch} steps per epoch: {epochs:g} epochs reach {min_steps} steps",
+        )
+    chosen = min(need, max_epochs)
+    return float(chosen), (
+        f"{rows} rows / batch {batch_size} = {per_epoch} steps per epoch: {epochs:g} epochs make "
+        f"{math.ceil(epochs * per_epoch)} steps, under the minimum of {min_steps}; {chosen} epochs "
+        f"({chosen * per_epoch} steps{f', the cap of {max_epochs} epochs' if chosen < need else ''})"
+    )
+
+
+def decide_training(options, training_args, model_args, train_rows: int):
+    """The run-time choices about training, through `options.decide` (only what the user did not set):
+    the LoRA learning rate when `--use_lora` is on, and the number of epochs from `training_epochs`.
+    Returns the new TrainingArguments; the log says how long the run will train and why."""
+    if model_args.use_lora:
+        why = "--use_lora: adapters train at a larger learning rate than full fine-tuning"
+        training_args = options.decide(training_args, why, learning_rate=LORA_LEARNING_RATE)
+    args = training_args
+    batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    if options.user_set("num_train_epochs") or options.user_set("max_steps") or args.max_steps > 0:
+        logger.info("training length as set: %g epochs, max_steps %d", args.num_train_epochs, args.max_steps)
+        return training_args
+    epochs, why = training_epochs(train_rows, batch, args.num_train_epochs)
+    training_args = options.decide(training_args, why, num_train_epochs=epochs)
+    stop = f"early stopping on the validation metric after {MIN_STEPS} steps"
+    logger.info(
+        "training: up to %g epochs of %d steps (%s); %s",
+        epochs, math.ceil(train_rows / batch), why, stop if args.load_best_model_at_end else "no early stopping",
+    )  # fmt: skip
+    return training_args
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """`EarlyStoppingCallback` that never stops before `min_steps` optimizer steps: the first epochs of
+    a small or hard set often score alike (NER: F1 0 for several epochs), which is no reason to stop."""
+
+    def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float | None = 0.0):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
+        self.min_steps = MIN_STEPS
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        stopping = control.should_training_stop  # set by someone else: left alone
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        if state.global_step < self.min_steps:
+            self.early_stopping_patience_counter = 0
+            control.should_training_stop = stopping

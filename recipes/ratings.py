@@ -5,7 +5,7 @@ Copy-paste commands:
     make recipe TASK=ratings                                   # Amazon review snippets rated -4..+4, offline
     python recipes/ratings.py --train_file reviews.csv --text_column review --label_column stars
     python recipes/ratings.py --train_file long_reviews.jsonl --max_length 256 --long_text chunks
-    python recipes/ratings.py --train_file reviews.csv --use_lora --learning_rate 5e-4
+    python recipes/ratings.py --train_file reviews.csv --use_lora                 # LoRA: learning rate 5e-4
     accelerate launch --multi_gpu --num_processes 2 recipes/ratings.py --max_steps 50   # 2 CPU ranks (gloo)
     ftkit predict runs/ratings/<run> --input texts.txt         # a score per text
 
@@ -23,13 +23,13 @@ import numpy as np
 from accelerate import PartialState
 from transformers import (
     DataCollatorWithPadding,
-    EarlyStoppingCallback,
     Trainer,
     TrainingArguments,
     set_seed,
 )
 
 from ftkit import DataError
+from ftkit.baseline import baseline
 from ftkit.config import TRAINER_DEFAULTS, parse_args
 from ftkit.data import TextSource, fingerprint, load_text_splits, rating, to_datasets
 from ftkit.metrics import exact_eval_loss, regression_scores
@@ -38,8 +38,8 @@ from ftkit.predict import prediction_rows
 from ftkit.reliability import CrashSafeCheckpoints, NonFiniteError, NonFiniteGuard, resume_checkpoint
 from ftkit.run import RunArguments, save_run, start_run
 from ftkit.speed import SpeedArguments, speed_up
-from ftkit.text import count_truncated, encode_texts, pool_chunks
-from ftkit.training import predict_in_row_order, train_token_stats
+from ftkit.text import count_truncated, decide_long_text, encode_texts, pool_chunks
+from ftkit.training import EarlyStopping, decide_training, predict_in_row_order, train_token_stats
 
 NAME, TASK = "ratings", "regression"
 logger = logging.getLogger(NAME)
@@ -51,14 +51,20 @@ class DataArguments:
 
     max_length: int = field(default=256, metadata={"help": "Tokens per input, special tokens included."})
     long_text: str = field(
-        default="head_tail",
+        default="auto",
         metadata={
-            "help": "Longer texts: head, head_tail (first 1/4 + last 3/4), or chunks (overlapping windows, "
-            "scores averaged per input at eval and predict time).",
-            "choices": ["head", "head_tail", "chunks"],
+            "help": "Longer texts: auto (from how much max_length cuts), head, head_tail (first 1/4 + last "
+            "3/4), or chunks (overlapping windows, scores averaged per input at eval and predict time).",
+            "choices": ["auto", "head", "head_tail", "chunks"],
         },
     )
     stride: int = field(default=32, metadata={"help": "chunks: tokens shared by consecutive windows."})
+    max_chunks: int = field(
+        default=0,
+        metadata={
+            "help": "chunks: at most this many windows per text, spread over it (0: all; auto caps them)."
+        },
+    )
     early_stopping_patience: int = field(
         default=2, metadata={"help": "Evaluations without RMSE improvement before stopping."}
     )
@@ -98,29 +104,25 @@ def main(argv: list[str] | None = None) -> dict:
     # [end shared]
 
     # ---- Data: load, ratings, tokenize ---------------------------------------------------------
-    splits, stats = load_text_splits(**vars(source), seed=training_args.seed)
+    splits, stats = load_text_splits(**vars(source))
     target = {split: [rating(r) for r in rows] for split, rows in splits.items()}
     low, high = min(target["train"]), max(target["train"])
     logger.info("data: %s; ratings %g..%g; rows %s", stats.source, low, high, stats.rows)
 
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
+    data_args = decide_long_text(options, data_args, tokenizer, [r["text"] for r in splits["train"]])
+
+    policy = (data_args.max_length, data_args.long_text, data_args.stride, data_args.max_chunks)
 
     def preprocess(batch, indices, split):
-        enc = encode_texts(
-            tokenizer, batch["text"], data_args.max_length, data_args.long_text, data_args.stride
-        )
+        enc = encode_texts(tokenizer, batch["text"], *policy)
         # With `chunks` one text yields several rows; each keeps its text's rating and index (for pooling).
         enc["text_index"] = [indices[i] for i in enc.pop("chunk_of")]
         enc["labels"] = [target[split][i] for i in enc["text_index"]]
         return enc
 
     with training_args.main_process_first(desc="tokenize"):
-        ds = to_datasets(splits)
-        for split in ds:
-            ds[split] = ds[split].map(
-                preprocess, batched=True, with_indices=True, fn_kwargs={"split": split},
-                remove_columns=["text", "label", "origin"], desc=f"Tokenizing {split}",
-            )  # fmt: skip
+        ds = to_datasets(splits, preprocess)  # preprocess(batch, indices, split) on every split
     truncated = count_truncated(ds, data_args.max_length, data_args.long_text)
 
     # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
@@ -135,11 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
     head = getattr(model.classifier, "out_proj", model.classifier)
     head.bias.data.fill_(float(np.mean(target["train"])))
     model = add_lora(model, lora_config(model_args, TASK))
+    training_args = decide_training(options, training_args, model_args, len(ds["train"]))
     # [shared: classification-callbacks]
     # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
     callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
     if training_args.load_best_model_at_end:  # early stopping needs per-epoch eval and best-model tracking
-        callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience))
+        callbacks.append(EarlyStopping(data_args.early_stopping_patience))
     # [end shared]
 
     def compute_metrics(pred):
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(out.metrics)  # loss and speed per row; the scores below replace the per-row ones
         final[prefix] = pool_chunks(out.predictions[:, 0], ds[split]["text_index"])
         results |= {f"{prefix}_{k}": v for k, v in regression_scores(target[split], final[prefix]).items()}
+    results |= baseline(splits, TASK, results)  # TF-IDF + ridge on the same rows
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
     if data_args.long_text == "chunks":
         results.update({f"{split}_chunk_rows": len(ds[split]) for split in ds})
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Save the run directory (main process only) ---------------------------------------------
     info = {"task": TASK, "max_length": data_args.max_length, "long_text": data_args.long_text}
-    info |= {"stride": data_args.stride, "labels": [], "temperature": 1.0}
+    info |= {"stride": data_args.stride, "max_chunks": data_args.max_chunks, "labels": [], "temperature": 1.0}
     test_rows = splits["test"]
     save_run(
         run_dir, trainer, tokenizer, options=options,

@@ -25,23 +25,22 @@ import numpy as np
 from accelerate import PartialState
 from transformers import (
     DataCollatorWithPadding,
-    EarlyStoppingCallback,
     Trainer,
     TrainingArguments,
     set_seed,
 )
 
 from ftkit import DataError
+from ftkit.baseline import baseline
 from ftkit.config import TRAINER_DEFAULTS, parse_args
 from ftkit.data import (
-    LoadStats,
     TextSource,
     check_labels,
     fingerprint,
     label_key,
     label_maps,
     load_text_splits,
-    rating,
+    ratings_to_polarity,
     to_datasets,
 )
 from ftkit.losses import class_weights, weighted_cross_entropy
@@ -59,8 +58,8 @@ from ftkit.predict import prediction_rows
 from ftkit.reliability import CrashSafeCheckpoints, NonFiniteError, NonFiniteGuard, resume_checkpoint
 from ftkit.run import RunArguments, save_run, start_run
 from ftkit.speed import SpeedArguments, speed_up
-from ftkit.text import count_truncated, encode_texts, pool_chunks
-from ftkit.training import predict_in_row_order, train_token_stats
+from ftkit.text import count_truncated, decide_long_text, encode_texts, pool_chunks
+from ftkit.training import EarlyStopping, decide_training, predict_in_row_order, train_token_stats
 
 NAME, TASK = "sentiment", "text-classification"
 logger = logging.getLogger(NAME)
@@ -75,14 +74,20 @@ class DataArguments:
     )
     max_length: int = field(default=128, metadata={"help": "Tokens per input, special tokens included."})
     long_text: str = field(
-        default="head",
+        default="auto",
         metadata={
-            "help": "Longer texts: head, head_tail (first 1/4 + last 3/4), or chunks (overlapping windows, "
-            "probabilities averaged per input at eval and predict time).",
-            "choices": ["head", "head_tail", "chunks"],
+            "help": "Longer texts: auto (from how much max_length cuts), head, head_tail (first 1/4 + last "
+            "3/4), or chunks (overlapping windows, probabilities averaged per input at eval and predict time).",
+            "choices": ["auto", "head", "head_tail", "chunks"],
         },
     )
     stride: int = field(default=32, metadata={"help": "chunks: tokens shared by consecutive windows."})
+    max_chunks: int = field(
+        default=0,
+        metadata={
+            "help": "chunks: at most this many windows per text, spread over it (0: all; auto caps them)."
+        },
+    )
     rating_to_polarity: float | None = field(
         default=None,
         metadata={
@@ -130,23 +135,6 @@ DEFAULTS = {
 }
 
 
-def ratings_to_polarity(splits: dict[str, list[dict]], stats: LoadStats, threshold: float) -> None:
-    """Ratings below `threshold` become negative, above it positive. Ratings equal to it are dropped
-    and counted in `stats`: a middle rating is neither, and amazon/yelp polarity drop them too."""
-    dropped = 0
-    for split, rows in splits.items():
-        values = [rating(row) for row in rows]
-        dropped += sum(v == threshold for v in values)
-        labels = ["positive" if v > threshold else "negative" for v in values]
-        splits[split] = [
-            {**r, "label": y} for r, y, v in zip(rows, labels, values, strict=True) if v != threshold
-        ]
-    stats.skipped["rating_at_threshold"] = dropped
-    stats.rows = {split: len(rows) for split, rows in splits.items()}
-    if len({r["label"] for r in splits["train"]}) < 2:
-        raise DataError(f"{stats.source}: after --rating_to_polarity only one class is left in train")
-
-
 def sentiment_scores(labels: np.ndarray, probs: np.ndarray, num_labels: int) -> dict[str, float]:
     """Accuracy, macro-F1 (model selection), ROC-AUC, ECE and log loss of class probabilities."""
     return {
@@ -167,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     # [end shared]
 
     # ---- Data: load, labels (ratings to polarity), tokenize ----------------------------------
-    splits, stats = load_text_splits(**vars(source), seed=training_args.seed)
+    splits, stats = load_text_splits(**vars(source))
     if data_args.rating_to_polarity is not None:
         ratings_to_polarity(splits, stats, data_args.rating_to_polarity)
     label2id, _ = label_maps([r["label"] for r in splits["train"]])
@@ -177,23 +165,19 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("data: %s; %d classes; rows %s", stats.source, len(names), stats.rows)
 
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
+    data_args = decide_long_text(options, data_args, tokenizer, [r["text"] for r in splits["train"]])
+
+    policy = (data_args.max_length, data_args.long_text, data_args.stride, data_args.max_chunks)
 
     def preprocess(batch, indices, split):
-        enc = encode_texts(
-            tokenizer, batch["text"], data_args.max_length, data_args.long_text, data_args.stride
-        )
+        enc = encode_texts(tokenizer, batch["text"], *policy)
         # With `chunks` one text yields several rows; each keeps its text's label and index (for pooling).
         enc["text_index"] = [indices[i] for i in enc.pop("chunk_of")]
         enc["labels"] = [target[split][i] for i in enc["text_index"]]
         return enc
 
     with training_args.main_process_first(desc="tokenize"):
-        ds = to_datasets(splits)
-        for split in ds:
-            ds[split] = ds[split].map(
-                preprocess, batched=True, with_indices=True, fn_kwargs={"split": split},
-                remove_columns=["text", "label", "origin"], desc=f"Tokenizing {split}",
-            )  # fmt: skip
+        ds = to_datasets(splits, preprocess)  # preprocess(batch, indices, split) on every split
     truncated = count_truncated(ds, data_args.max_length, data_args.long_text)
 
     # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
@@ -204,12 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
     speed = speed_up(model, speed_args)  # CPU speed options (recipes/README.md, "Speed on a CPU")
     # [end shared]
     model = add_lora(model, lora_config(model_args, TASK))
+    training_args = decide_training(options, training_args, model_args, len(ds["train"]))
     weights = class_weights(data_args.class_weights, ds["train"]["labels"], names)  # None: unweighted
     # [shared: classification-callbacks]
     # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
     callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
     if training_args.load_best_model_at_end:  # early stopping needs per-epoch eval and best-model tracking
-        callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience))
+        callbacks.append(EarlyStopping(data_args.early_stopping_patience))
     # [end shared]
 
     def compute_metrics(pred):
@@ -255,6 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         if data_args.calibrate:
             before = probability_scores(labels, pool_chunks(softmax(logits), owner))["ece"]
             results |= {f"{prefix}_ece_uncalibrated": before, "calibration_temperature": temperature}
+    results |= baseline(splits, TASK, results)  # TF-IDF + LinearSVC on the same rows
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
     if data_args.long_text == "chunks":
         results.update({f"{split}_chunk_rows": len(ds[split]) for split in ds})
@@ -264,7 +250,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- Save the run directory (main process only) ---------------------------------------------
     info = {"task": TASK, "max_length": data_args.max_length, "long_text": data_args.long_text}
-    info |= {"stride": data_args.stride, "labels": names, "temperature": temperature}  # predict divides by T
+    info |= {
+        "stride": data_args.stride,
+        "max_chunks": data_args.max_chunks,
+        "labels": names,
+        "temperature": temperature,
+    }  # predict divides by T
     gold, probs, test_rows = target["test"], final["test"], splits["test"]
     preds = probs.argmax(-1)
     save_run(

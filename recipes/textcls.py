@@ -4,7 +4,7 @@ Copy-paste commands:
 
     make recipe TASK=textcls                                   # BBC News + all-MiniLM-L6-v2, offline
     python recipes/textcls.py --train_file train.csv --validation_file dev.csv --text_column body --label_column topic
-    python recipes/textcls.py --data_dir 20news-bydate.tar.gz --encoding latin-1 --max_length 256
+    python recipes/textcls.py --data_dir 20news-bydate.tar.gz --encoding latin-1 --long_text chunks
     python recipes/textcls.py --dataset_name SetFit/20_newsgroups --model_name_or_path bert-base-uncased  # online
     python recipes/textcls.py --config recipes/configs/textcls_lora.yaml --merge_lora
     accelerate launch --multi_gpu --num_processes 2 recipes/textcls.py --max_steps 50   # 2 CPU ranks (gloo)
@@ -18,26 +18,35 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 from accelerate import PartialState
 from transformers import (
     DataCollatorWithPadding,
-    EarlyStoppingCallback,
     Trainer,
     TrainingArguments,
     set_seed,
 )
 
 from ftkit import DataError
+from ftkit.baseline import baseline
 from ftkit.config import TRAINER_DEFAULTS, parse_args
-from ftkit.data import TextSource, check_labels, fingerprint, label_maps, load_text_splits, to_datasets
+from ftkit.data import (
+    TextSource,
+    check_labels,
+    fingerprint,
+    label_key,
+    label_maps,
+    load_text_splits,
+    to_datasets,
+)
 from ftkit.metrics import classification_scores, confusion, exact_eval_loss, per_class_report, softmax
 from ftkit.models import ModelArguments, add_lora, load_model, load_tokenizer, lora_config, resolve_model_path
 from ftkit.predict import prediction_rows
 from ftkit.reliability import CrashSafeCheckpoints, NonFiniteError, NonFiniteGuard, resume_checkpoint
 from ftkit.run import RunArguments, save_run, start_run
 from ftkit.speed import SpeedArguments, speed_up
-from ftkit.text import count_truncated, encode_texts
-from ftkit.training import predict_in_row_order, train_token_stats
+from ftkit.text import count_truncated, decide_long_text, encode_texts, pool_chunks
+from ftkit.training import EarlyStopping, decide_training, predict_in_row_order, train_token_stats
 
 NAME, TASK = "textcls", "text-classification"
 logger = logging.getLogger(NAME)
@@ -52,10 +61,18 @@ class DataArguments:
     )
     max_length: int = field(default=128, metadata={"help": "Tokens per input, special tokens included."})
     long_text: str = field(
-        default="head",
+        default="auto",
         metadata={
-            "help": "What to keep of longer texts: head, or head_tail (first 1/4 + last 3/4).",
-            "choices": ["head", "head_tail"],
+            "help": "Longer texts: auto (from how much max_length cuts), head, head_tail (first 1/4 + last "
+            "3/4), or chunks (overlapping windows, probabilities averaged per input at eval and predict time).",
+            "choices": ["auto", "head", "head_tail", "chunks"],
+        },
+    )
+    stride: int = field(default=32, metadata={"help": "chunks: tokens shared by consecutive windows."})
+    max_chunks: int = field(
+        default=0,
+        metadata={
+            "help": "chunks: at most this many windows per text, spread over it (0: all; auto caps them)."
         },
     )
     early_stopping_patience: int = field(
@@ -95,23 +112,26 @@ def main(argv: list[str] | None = None) -> dict:
     # [end shared]
 
     # ---- Data: load, check labels, tokenize -------------------------------------------------
-    splits, stats = load_text_splits(**vars(source), seed=training_args.seed)
+    splits, stats = load_text_splits(**vars(source))
     label2id, _ = label_maps([r["label"] for r in splits["train"]])
     added_labels = check_labels(splits, label2id, data_args.add_unseen_labels)
     names = list(label2id)
+    target = {split: [label2id[label_key(r["label"])] for r in rows] for split, rows in splits.items()}
     logger.info("data: %s; %d classes; rows %s", stats.source, len(names), stats.rows)
 
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
+    data_args = decide_long_text(options, data_args, tokenizer, [r["text"] for r in splits["train"]])
+    policy = (data_args.max_length, data_args.long_text, data_args.stride, data_args.max_chunks)
 
-    def preprocess(batch):
-        enc = encode_texts(tokenizer, batch["text"], data_args.max_length, data_args.long_text)
-        enc["labels"] = [label2id[label] for label in batch["label"]]
+    def preprocess(batch, indices, split):
+        enc = encode_texts(tokenizer, batch["text"], *policy)
+        # With `chunks` one text yields several rows; each keeps its text's label and index (for pooling).
+        enc["text_index"] = [indices[i] for i in enc.pop("chunk_of")]
+        enc["labels"] = [target[split][i] for i in enc["text_index"]]
         return enc
 
     with training_args.main_process_first(desc="tokenize"):
-        ds = to_datasets(splits).map(
-            preprocess, batched=True, remove_columns=["text", "label"], desc="Tokenizing"
-        )
+        ds = to_datasets(splits, preprocess)  # preprocess(batch, indices, split) on every split
     truncated = count_truncated(ds, data_args.max_length, data_args.long_text)
 
     # ---- Model (+ LoRA) and Trainer ------------------------------------------------------------
@@ -122,14 +142,16 @@ def main(argv: list[str] | None = None) -> dict:
     speed = speed_up(model, speed_args)  # CPU speed options (recipes/README.md, "Speed on a CPU")
     # [end shared]
     model = add_lora(model, lora_config(model_args, TASK))
+    training_args = decide_training(options, training_args, model_args, len(ds["train"]))
     # [shared: classification-callbacks]
     # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
     callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
     if training_args.load_best_model_at_end:  # early stopping needs per-epoch eval and best-model tracking
-        callbacks.append(EarlyStoppingCallback(data_args.early_stopping_patience))
+        callbacks.append(EarlyStopping(data_args.early_stopping_patience))
     # [end shared]
 
     def compute_metrics(pred):
+        # Per row; with `chunks` per window (model selection). The reported eval/test metrics are per input.
         logits, labels = pred
         scores = classification_scores(labels, logits.argmax(-1), len(names))
         # Reported as eval_loss: Trainer's own counts the rows a multi-process run repeats as padding.
@@ -154,21 +176,24 @@ def main(argv: list[str] | None = None) -> dict:
     results = dict(train_result.metrics)
     results.update(train_token_stats(trainer, results["train_runtime"], resumed_from=checkpoint))
     # [end shared]
-    results.update(trainer.evaluate(metric_key_prefix="eval"))
-    test = predict_in_row_order(trainer, ds["test"], metric_key_prefix="test")
-    results.update(test.metrics)
+    final = {}
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        out = predict_in_row_order(trainer, ds[split], metric_key_prefix=prefix)
+        results.update(out.metrics)  # loss and speed per row; the scores below replace the per-row ones
+        final[prefix] = pool_chunks(softmax(out.predictions), ds[split]["text_index"])
+        scores = classification_scores(np.asarray(target[split]), final[prefix].argmax(-1), len(names))
+        results |= {f"{prefix}_{k}": v for k, v in scores.items()}
+    results |= baseline(splits, TASK, results)  # TF-IDF + LinearSVC on the same rows
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
+    if data_args.long_text == "chunks":
+        results.update({f"{split}_chunk_rows": len(ds[split]) for split in ds})
     results.update({**stats.as_results(), "added_labels": added_labels, **speed})
 
     # ---- Save the run directory (main process only) ---------------------------------------------
-    info = {
-        "task": TASK,
-        "max_length": data_args.max_length,
-        "long_text": data_args.long_text,
-        "labels": names,
-    }
-    probs = softmax(test.predictions)
-    preds, gold, test_rows = probs.argmax(-1), test.label_ids, splits["test"]
+    info = {"task": TASK, "max_length": data_args.max_length, "long_text": data_args.long_text}
+    info |= {"stride": data_args.stride, "max_chunks": data_args.max_chunks, "labels": names}
+    probs, gold, test_rows = final["test"], np.asarray(target["test"]), splits["test"]
+    preds = probs.argmax(-1)
     save_run(
         run_dir, trainer, tokenizer, options=options,
         args=(source, data_args, model_args, speed_args, run_args, training_args),

@@ -71,7 +71,7 @@ def test_yaml_values_are_typed_and_checked(tmp_path):
     for text, message in (
         ("use_lora: 'yes'\n", "use_lora: expected true or false"),
         ("eval_strategy: no\n", "eval_strategy: got the YAML boolean false"),
-        ("long_text: middle\n", "long_text: 'middle' is not one of head, head_tail"),
+        ("long_text: middle\n", "long_text: 'middle' is not one of auto, head, head_tail"),
         ("max_length: many\n", "max_length: 'many' is not a valid value"),
     ):
         cfg.write_text(text)

@@ -147,7 +147,7 @@ def test_20news_bydate_folder_and_tarball(tmp_path, monkeypatch):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root / "20news-bydate-train", arcname="20news-bydate-train")
         tar.add(root / "20news-bydate-test", arcname="20news-bydate-test")
-    splits2, stats = load_text_splits(data_dir=str(archive), validation_fraction=0.2, seed=1)
+    splits2, stats = load_text_splits(data_dir=str(archive), validation_fraction=0.2, split_seed=1)
     # train + test given; validation carved from train, stratified: one per class.
     assert stats.rows == {"train": 12, "test": 15, "validation": 3}
     assert Counter(r["label"] for r in splits2["validation"]) == {
@@ -169,9 +169,9 @@ def test_splits_are_stratified_seeded_and_deduplicated(tmp_path):
         ["text,label"] + [f"text {i} of {c},{c}" for c in "abc" for i in range(20)] + ["text 0 of a,a"] * 3
     )
     path = write(tmp_path / "all.csv", "\n".join(lines) + "\n")
-    s1, stats = load_text_splits(train_file=str(path), seed=7)
-    s2, _ = load_text_splits(train_file=str(path), seed=7)
-    s3, _ = load_text_splits(train_file=str(path), seed=8)
+    s1, stats = load_text_splits(train_file=str(path), split_seed=7)
+    s2, _ = load_text_splits(train_file=str(path), split_seed=7)
+    s3, _ = load_text_splits(train_file=str(path), split_seed=8)
     assert stats.duplicates_removed == 3 and stats.rows == {"train": 48, "test": 6, "validation": 6}
     assert Counter(r["label"] for r in s1["test"]) == {"a": 2, "b": 2, "c": 2}
     assert [r["text"] for r in s1["test"]] == [r["text"] for r in s2["test"]]
@@ -201,7 +201,7 @@ def test_builtin_bbc_news_has_its_documented_shape():
     rows, fallback = load_bbc_news()
     assert len(rows) == 2225 and fallback == 1
     assert Counter(r["label"] for r in rows)["sports"] == 511
-    splits, stats = load_text_splits(dataset_name="bbc-news", seed=42)
+    splits, stats = load_text_splits(dataset_name="bbc-news", split_seed=42)
     assert stats.duplicates_removed == 98
     assert sum(stats.rows.values()) == 2225 - 98
     assert abs(stats.rows["test"] - 0.1 * 2127) <= 1 and stats.train_test_overlap == 0

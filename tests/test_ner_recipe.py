@@ -218,7 +218,7 @@ def test_two_processes_train_one_model_and_eval_sees_every_word_once(tiny_model,
         if all(len(encode_sentences(tok, x, 32, s, "document").windows) % 2 for x in sentences)
     )
     args = recipe_args(tiny_model, out, "--stride", str(stride), "--max_steps", "4")
-    args += ["--save_strategy", "steps", "--save_steps", "4"]
+    args += ["--save_strategy", "steps", "--save_steps", "4", "--eval_strategy", "steps", "--eval_steps", "4"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     cmd += [

@@ -219,3 +219,38 @@ def test_seed_fixes_the_new_head(tiny_model, fixtures, tmp_path):
     first, again, other = head("a", "42"), head("b", "42"), head("c", "7")
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_chunks_pool_in_the_recipe_in_predict_and_in_onnx(tiny_model, fixtures, tmp_path):
+    from ftkit import compress
+
+    out = tmp_path / "chunks"
+    argv = recipe_args(
+        tiny_model, fixtures, out, "--long_text", "chunks", "--max_length", "16", "--stride", "4"
+    )
+    results = textcls.main([*argv, "--max_chunks", "3", "--num_train_epochs", "1"])
+    info = json.loads((out / "ftkit_run.json").read_text())
+    assert info["long_text"] == "chunks" and info["max_chunks"] == 3 and info["stride"] == 4
+    assert results["test_chunk_rows"] > results["data_test_rows"] == 12
+    rows = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    names = info["labels"]
+    saved = np.array([[r[f"p_{n}"] for n in names] for r in rows])
+    model, tok, info = load_run(out)
+    texts = [r["text"] for r in rows]
+    np.testing.assert_allclose(predict_texts(model, tok, texts, info, progress=False), saved, atol=2e-5)
+    onnx_dir = compress.export_onnx(out, tmp_path / "onnx", texts=texts[:4])
+    onnx = compress.load_compressed(onnx_dir)
+    got = predict_texts(
+        onnx, tok, texts, json.loads((onnx_dir / "ftkit_run.json").read_text()), progress=False
+    )
+    np.testing.assert_allclose(got, saved, atol=1e-4)
+
+
+def test_the_baseline_scores_the_test_rows_of_the_run(full_run):
+    out, results = full_run
+    assert results["baseline_test_rows"] == results["data_test_rows"] == 12
+    assert results["baseline_eval_rows"] == results["data_validation_rows"]
+    assert 0 <= results["baseline_test_accuracy"] <= 1 and "baseline_test_macro_f1" in results
+    card = (out / "README.md").read_text()
+    assert "baseline_test_accuracy" in card
+    assert ("**Warning:**" in card) == (not results["baseline_beaten"])

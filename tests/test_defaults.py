@@ -1,0 +1,188 @@
+"""Defaults decided from the data: training length, LoRA's learning rate, long-text policy, baselines."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from transformers import TrainerControl
+
+from ftkit.config import parse_args
+from ftkit.training import MIN_STEPS, EarlyStopping, decide_training, training_epochs
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+import ner  # noqa: E402
+import textcls  # noqa: E402
+
+
+def parsed(argv, recipe=textcls):
+    (_source, _data, model, _speed, _run, train), options = parse_args(
+        recipe.ARGUMENTS, argv, defaults=recipe.DEFAULTS
+    )
+    return model, train, options
+
+
+def test_a_tiny_training_set_gets_the_step_minimum():
+    epochs, why = training_epochs(rows=200, batch_size=16, epochs=2)
+    assert epochs * 13 >= MIN_STEPS and epochs == 20 and "under the minimum" in why
+    assert training_epochs(rows=20_000, batch_size=16, epochs=2)[0] == 2  # a large set keeps the default
+    assert training_epochs(rows=10, batch_size=16, epochs=2)[0] == 20  # capped
+
+
+def test_decide_training_changes_only_what_the_user_did_not_set():
+    model, train, options = parsed([])
+    out = decide_training(options, train, model, train_rows=300)
+    steps_per_epoch = -(-300 // 16)
+    assert out.num_train_epochs * steps_per_epoch >= MIN_STEPS and "num_train_epochs" in options.decided
+    model, train, options = parsed(["--num_train_epochs", "1"])
+    assert decide_training(options, train, model, train_rows=300).num_train_epochs == 1
+    model, train, options = parsed(["--max_steps", "5"])
+    assert decide_training(options, train, model, train_rows=300).num_train_epochs == 2
+
+
+def test_lora_gets_its_learning_rate_unless_the_user_set_one():
+    default_yaml = str(ROOT / "recipes" / "configs" / "textcls.yaml")
+    model, train, options = parsed(["--config", default_yaml, "--use_lora", "true"])  # the README's example
+    assert decide_training(options, train, model, 10_000).learning_rate == 5e-4
+    assert options.decided["learning_rate"]["was"] == 1e-4
+    model, train, options = parsed(["--use_lora", "true", "--learning_rate", "2e-4"])
+    assert decide_training(options, train, model, 10_000).learning_rate == 2e-4
+    model, train, options = parsed([])
+    assert decide_training(options, train, model, 10_000).learning_rate == 1e-4
+
+
+def test_ner_evaluates_keeps_the_best_model_and_saves_checkpoints_by_default():
+    _, train, _ = parsed([], recipe=ner)
+    assert train.eval_strategy == "epoch" and train.save_strategy == "epoch"
+    assert train.load_best_model_at_end and train.metric_for_best_model == "f1"
+
+
+@pytest.mark.parametrize("step, stops", [(MIN_STEPS - 1, False), (MIN_STEPS, True)])
+def test_early_stopping_waits_for_the_step_minimum(step, stops):
+    stopper = EarlyStopping(early_stopping_patience=1)
+    args = SimpleNamespace(metric_for_best_model="f1", greater_is_better=True, load_best_model_at_end=True)
+    control = TrainerControl()
+    state = SimpleNamespace(global_step=step, best_metric=0.0)
+    stopper.on_evaluate(args, state, control, {"eval_f1": 0.0})  # no improvement: patience used up
+    assert control.should_training_stop is stops
+
+
+# ---------------------------------------------------------------------------------------------
+# --long_text auto
+
+
+def test_auto_long_text_picks_head_for_short_texts_and_more_for_long_ones():
+    from ftkit.text import choose_long_text
+
+    assert choose_long_text([40] * 100 + [200] * 3, 128)["long_text"] == "head"
+    news = choose_long_text([400] * 100, 128)  # BBC-like: fits mostly in 256 tokens
+    assert news["long_text"] == "head_tail" and news["max_length"] == 256
+    reviews = choose_long_text([1500] * 100, 128)  # several windows per text
+    assert reviews["long_text"] == "chunks" and reviews["max_length"] == 256 and reviews["max_chunks"] == 0
+    assert choose_long_text([400] * 100, 128, may_grow=False)["max_length"] == 128  # the user's length stays
+    capped = choose_long_text([5000] * 2000, 128)  # over the time budget: windows per text capped
+    assert capped["max_chunks"] == 2  # 2000 texts x 2 windows x 256 tokens is already over the budget
+    assert "windows per text" in capped["why"] and "min" in capped["why"]
+
+
+def test_capped_chunks_spread_over_the_text():
+    from ftkit.text import chunk_tokens
+
+    ids = list(range(100))
+    all_windows = chunk_tokens(ids, 10, 2)
+    three = chunk_tokens(ids, 10, 2, max_chunks=3)
+    assert len(three) == 3 and three[0] == all_windows[0] and three[-1] == all_windows[-1]
+
+
+def test_auto_is_recorded_and_an_explicit_policy_wins(tiny_model):
+    from transformers import AutoTokenizer
+
+    from ftkit.text import decide_long_text
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    long_texts = [" ".join(["sports"] * 600)] * 4
+    (_s, data, *_), options = parse_args(textcls.ARGUMENTS, [], defaults=textcls.DEFAULTS)
+    out = decide_long_text(options, data, tok, long_texts)
+    assert out.long_text == "chunks" and options.decided["long_text"]["why"].startswith("--long_text auto")
+    (_s, data, *_), options = parse_args(
+        textcls.ARGUMENTS, ["--long_text", "head"], defaults=textcls.DEFAULTS
+    )
+    assert decide_long_text(options, data, tok, long_texts).long_text == "head" and not options.decided
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+
+
+def rows(pairs, name):
+    return [{"text": t, "label": y, "origin": f"{name}:{i}"} for i, (t, y) in enumerate(pairs)]
+
+
+def test_baseline_scores_the_same_rows_as_the_test_figures():
+    from ftkit.baseline import baseline
+
+    train = rows([("goal match team", "sports"), ("cpu chip code", "tech")] * 10, "train")
+    test = rows([("goal team", "sports"), ("chip code", "tech")], "test")
+    # Test labels flipped: a baseline scored on these rows gets everything wrong.
+    flipped = [{**r, "label": "tech" if r["label"] == "sports" else "sports"} for r in test]
+    splits = {"train": train, "validation": test, "test": flipped}
+    out = baseline(splits, "text-classification", {"test_accuracy": 0.5})
+    assert out["baseline_eval_accuracy"] == 1.0 and out["baseline_test_accuracy"] == 0.0
+    assert out["baseline_test_rows"] == 2 and out["baseline_beaten"] and "baseline_warning" not in out
+    out = baseline(splits | {"test": test}, "text-classification", {"test_accuracy": 0.5})
+    assert not out["baseline_beaten"] and "does not beat the baseline" in out["baseline_warning"]
+
+
+def test_ratings_and_ner_baselines():
+    from ftkit.baseline import baseline, most_frequent_tags
+    from ftkit.conll import Sentence
+
+    train = [{"text": t, "label": y, "origin": "x"} for t, y in [("great", 4.0), ("awful", -4.0)] * 10]
+    out = baseline({"train": train, "validation": train, "test": train}, "regression", {"test_rmse": 9.0})
+    assert (
+        out["baseline_test_pearson"] > 0.99
+        and out["baseline_test_rmse"] < 1
+        and out["baseline_beaten"] is False
+    )
+
+    def sent(tokens, tags):
+        return Sentence(tokens=tokens, tags=tags)
+
+    train = [sent(["John", "lives", "in", "Paris"], ["B-PER", "O", "O", "B-LOC"])] * 3
+    test = [sent(["Paris", "John", "York"], ["B-LOC", "B-PER", "O"])]
+    assert most_frequent_tags(train, test) == [["B-LOC", "B-PER", "O"]]
+    out = baseline(
+        {"train": train, "validation": test, "test": test}, "token-classification", {"test_f1": 0.5}
+    )
+    assert out["baseline_test_f1"] == 1.0 and out["baseline_warning"]
+
+
+def test_seed_spread_summary():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from seeds import summarize
+
+    runs = [{"test_accuracy": 0.98, "test_runtime": 3.0, "baseline_test_accuracy": 0.9, "eval_accuracy": 1}]
+    runs.append(
+        {"test_accuracy": 0.96, "test_runtime": 4.0, "baseline_test_accuracy": 0.9, "eval_accuracy": 1}
+    )
+    out = summarize(runs)
+    assert set(out) == {"test_accuracy", "baseline_test_accuracy"}
+    assert out["test_accuracy"]["mean"] == pytest.approx(0.97) and out["test_accuracy"][
+        "sd"
+    ] == pytest.approx(0.01414, abs=1e-4)
+
+
+def test_the_split_has_its_own_seed(fixtures):
+    from ftkit.data import load_text_splits
+
+    def split(*argv):
+        train = ["--train_file", str(fixtures / "textcls" / "train.csv")]
+        (source, *_), _ = parse_args(textcls.ARGUMENTS, [*train, *argv], defaults=textcls.DEFAULTS)
+        splits, _ = load_text_splits(**vars(source))
+        return [r["origin"] for r in splits["test"]]
+
+    assert split("--seed", "1") == split("--seed", "2")
+    assert split("--split_seed", "1") != split("--split_seed", "2")
