@@ -23,9 +23,9 @@ def recipes_dir() -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from ftkit.fastlinear import use_onednn_linear
     from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs
     from ftkit.run import read_run_info, write_rows
-    from ftkit.speed import SpeedArguments, speed_up
 
     texts, origins = read_inputs(args.input, args.text_column)
     if (Path(args.run_dir) / "compress.json").is_file():
@@ -40,7 +40,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         )
     else:
         model, tokenizer, info = load_run(args.run_dir)
-        speed_up(model, SpeedArguments(linear_backend=args.linear_backend))
+        use_onednn_linear(model, args.linear_backend)
     if info["task"] == "token-classification":
         from ftkit.ner import predict_entities  # the NER recipe's prediction path
 
