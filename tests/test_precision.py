@@ -92,3 +92,16 @@ def test_recipe_trains_in_bf16_and_saves_fp32_weights(tiny_model, fixtures, tmp_
     assert all(t.dtype == torch.float32 for t in load_file(out / "model.safetensors").values())
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["decided"]["bf16"]["value"] is True
+
+
+def test_cpu_flags_say_where_bf16_is_native(monkeypatch):
+    from ftkit import hardware
+
+    amx = "model name\t: Intel(R) Xeon(R) Platinum\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_int8 sse\n"
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: amx)
+    assert hardware.native_bf16() == "amx_bf16"
+    info = hardware.cpu_info()
+    assert info["cpu"] == "Intel(R) Xeon(R) Platinum"
+    assert info["cpu_flags"] == ["amx_bf16", "amx_int8", "avx2", "avx512_bf16", "avx512f"]
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: "model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n")
+    assert hardware.native_bf16() is None and hardware.cpu_info()["cpu_flags"] == ["avx2", "fma"]
