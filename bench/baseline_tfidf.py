@@ -24,6 +24,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.svm import LinearSVC
 
 from ftkit.data import load_text_splits
+from ftkit.hardware import cpu_info
 
 
 def run(dataset: str, seed: int) -> dict:
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "platform": platform.platform(),
+        "machine": cpu_info(),  # CPU model and flags
         "model": "TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True) + LinearSVC(C=1.0)",
         "results": results,
     }

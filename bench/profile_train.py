@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"  {e.key:<55}{e.self_cpu_time_total / 1e6:>8.2f} s {e.self_cpu_time_total / total:>5.0%}  {e.count:>6} calls"
         )
+    from flops import machine
+
     result = {
+        "machine": machine(),  # CPU model and flags (avx2, avx512*, amx*, vnni)
         "load_1min_start": load_start,
         "load_1min_end": os.getloadavg()[0],
         "threads": torch.get_num_threads(),

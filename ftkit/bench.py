@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -59,12 +58,10 @@ def describe(run_dir: Path) -> str:
 
 
 def machine() -> dict:
-    """CPU model, core count and torch threads, for the record."""
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next(
-        (x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), platform.processor()
-    )
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    """CPU model, core count, speed-relevant flags (avx2, avx512*, amx*, vnni) and torch threads, for the record."""
+    from ftkit.hardware import cpu_info
+
+    return {**cpu_info(), "torch_threads": torch.get_num_threads()}
 
 
 def _predictors(runs: Sequence[Path]) -> dict[str, tuple[Callable, Path]]:

@@ -23,9 +23,9 @@ def recipes_dir() -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from ftkit.fastlinear import use_onednn_linear
     from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs
     from ftkit.run import read_run_info, write_rows
-    from ftkit.speed import SpeedArguments, speed_up
 
     texts, origins = read_inputs(args.input, args.text_column)
     if (Path(args.run_dir) / "compress.json").is_file():
@@ -40,7 +40,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         )
     else:
         model, tokenizer, info = load_run(args.run_dir)
-        speed_up(model, SpeedArguments(linear_backend=args.linear_backend))
+        use_onednn_linear(model, args.linear_backend)
     if info["task"] == "token-classification":
         from ftkit.ner import predict_entities  # the NER recipe's prediction path
 
@@ -84,10 +84,40 @@ def cmd_cp(args: argparse.Namespace) -> None:
     print(f"run it: python {dest} --config {copied[1] if len(copied) > 1 else '...'}")
 
 
+def _labelled_texts(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
+    """Texts and gold labels for `compress --choose`: --texts with a label column, else the run's test
+    predictions (test_predictions.jsonl holds each text and its gold label)."""
+    import json
+
+    from ftkit.data import read_table
+
+    if args.texts:
+        rows, _, label_column = read_table(args.texts, args.text_column, args.label_column)
+        return [r["text"] for r in rows], [r["label"] for r in rows], f"{args.texts} (column {label_column})"
+    path = Path(args.run_dir) / "test_predictions.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} not found: pass --texts with labelled validation texts")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    how = f"{path} (the run's test split: no --texts given, so the choice is not held out from the test set)"
+    return [r["text"] for r in rows], [r["gold"] for r in rows], how
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     from ftkit.compress import compress_run
     from ftkit.predict import read_inputs
 
+    if args.choose:
+        from ftkit.choose import choose_inference
+
+        texts, labels, accuracy_on = _labelled_texts(args)
+        candidates = args.candidates.split(",") if args.candidates else None
+        record = choose_inference(
+            args.run_dir, args.out, texts, labels, accuracy_on=accuracy_on, candidates=candidates
+        )
+        for name, figures in record["choice"]["candidates"].items():
+            print(f"{name:>10}: {figures}")
+        print(f"chosen: {record['choice']['chosen']}; run written to {args.out} (ftkit predict serves it)")
+        return
     texts = read_inputs(args.texts, args.text_column)[0] if args.texts else None
     recover_texts = read_inputs(args.recover_texts, args.text_column)[0] if args.recover_texts else None
     out = compress_run(
@@ -185,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--recover-texts", dest="recover_texts", help="texts for recovery distillation (default: --texts)"
     )
     p.add_argument("--text_column", help="text column of a table file (default: detected)")
+    p.add_argument(
+        "--choose",
+        action="store_true",
+        help="measure fp32, bf16 (where native), torch int8 and ONNX int8 here (texts/s at batch 32, 128 "
+        "tokens per text; accuracy on --texts with labels, else the run's test_predictions.jsonl) and keep "
+        "the fastest within 0.5 point of fp32's accuracy; compress.json records every candidate",
+    )
+    p.add_argument("--candidates", help="with --choose: comma-separated subset (fp32 is always measured)")
+    p.add_argument("--label_column", help="with --choose: label column of --texts (default: detected)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("export-onnx", help="export a run to fp32 ONNX, checked against PyTorch")

@@ -9,10 +9,12 @@ at the model's own shapes and keeps MKL where it is as fast (e.g. Intel CPUs).
 Only the `forward` of each `nn.Linear` instance changes: parameters, state_dict, saved files and
 module types stay as they are. The fast path is taken only for fp32 CPU tensors outside autocast,
 tracing and compilation; everything else (GPU, bf16, ONNX export) calls `F.linear` as before.
+The oneDNN op is private to torch: `op_matches_f_linear` checks it against `F.linear` before first use.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import types
@@ -84,6 +86,43 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def op_matches_f_linear() -> bool:
+    """Whether this torch's oneDNN path gives `F.linear`'s values and gradients (checked once per process).
+
+    `torch.ops.mkldnn._linear_pointwise` is a private op with no compatibility promise; a torch release
+    may change its signature or meaning. The check runs a non-contiguous 3-D input with bias through
+    both paths, forward and backward, at a small shape (about a millisecond); any difference beyond
+    fp32 rounding, or any error, means torch's own path is used (with a warning).
+    """
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(7, 5, 24, generator=gen).transpose(0, 1)  # (5, 7, 24), not contiguous
+    w0, b0 = torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
+    g = torch.randn(5, 7, 40, generator=gen)
+    results = []
+    try:
+        for fn in (F.linear, lambda *a: _OneDNNLinear.apply(*a)):
+            x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+            y = fn(x, w, b)
+            y.backward(g)
+            results.append([y, x.grad, w.grad, b.grad])
+        same = all(
+            got is not None and got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+            for want, got in zip(*results, strict=True)
+        )
+    except (RuntimeError, TypeError, ValueError) as err:
+        logger.warning(
+            "linear layers: torch default (oneDNN linear fails in torch %s: %s)", torch.__version__, err
+        )
+        return False
+    if not same:
+        logger.warning(
+            "linear layers: torch default (oneDNN linear differs from F.linear in torch %s)",
+            torch.__version__,
+        )
+    return same
+
+
 def _gflops(fn, flops: float, repeats: int) -> float:
     fn()  # first call: kernel selection and caches
     best = float("inf")
@@ -130,6 +169,8 @@ def use_onednn_linear(model: nn.Module, mode: str = "auto") -> dict:
     if not available():
         if mode == "onednn":
             logger.warning("linear layers: torch default (this torch build has no oneDNN)")
+        return decision
+    if not op_matches_f_linear():
         return decision
     if mode == "auto":
         if torch.cuda.is_available():  # Trainer will put the model on the GPU: nothing to gain

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
     model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
-    speed = speed_up(model, speed_args)  # CPU speed options (recipes/README.md, "Speed on a CPU")
+    # CPU speed options and the precision, by measurement (recipes/README.md, "Speed on a CPU")
+    speed, training_args = speed_up(model, speed_args, training_args, options)
     # [end shared]
     # An uncased tokenizer turns "Paris" into "paris" and drops NER's strongest cue. Each word's shape
     # goes back in through the token-type embeddings (measured on CoNLL-2003: see recipes/README.md).

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
     model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
-    speed = speed_up(model, speed_args)  # CPU speed options (recipes/README.md, "Speed on a CPU")
+    # CPU speed options and the precision, by measurement (recipes/README.md, "Speed on a CPU")
+    speed, training_args = speed_up(model, speed_args, training_args, options)
     # [end shared]
     # Start the head at the mean training rating: the first steps then learn the signal, not the offset.
     head = getattr(model.classifier, "out_proj", model.classifier)

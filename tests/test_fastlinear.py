@@ -141,6 +141,9 @@ def test_measure_reports_both():
 
 
 def test_load_model_only_loads_and_speed_up_sets_dropout_and_backend(tiny_model):
+    from transformers import TrainingArguments
+
+    from ftkit.config import Options
     from ftkit.models import load_model
     from ftkit.speed import SpeedArguments, speed_up
 
@@ -149,9 +152,33 @@ def test_load_model_only_loads_and_speed_up_sets_dropout_and_backend(tiny_model)
     assert {m.p for n, m in kept.named_modules() if n.endswith("attention.self.dropout")} == {0.1}
     assert all("forward" not in vars(m) for m in kept.modules())  # as loaded: torch's linear
     model = load_model(tiny_model, "text-classification", labels)
-    decision = speed_up(model, SpeedArguments(attention_dropout=0.0, linear_backend="onednn"))
+    args = SpeedArguments(attention_dropout=0.0, linear_backend="onednn", precision="fp32")
+    decision, _ = speed_up(model, args, TrainingArguments(use_cpu=True), Options(origins={}))
     assert decision["linear_backend"] == "onednn"
     dropouts = [m for n, m in model.named_modules() if n.endswith("attention.self.dropout")]
     assert len(dropouts) == 2 and all(m.p == 0.0 for m in dropouts)  # one per layer
     assert model.config.attention_probs_dropout_prob == 0.0  # saved config.json says so too
     assert all("forward" in vars(m) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@pytest.mark.parametrize("fault", ["wrong values", "error"])
+def test_a_changed_private_op_falls_back_to_torch_with_a_warning(tiny_model, monkeypatch, caplog, fault):
+    right = fastlinear.mm_t
+
+    def changed(a, b_t, bias=None):
+        if fault == "error":
+            raise RuntimeError("mkldnn::_linear_pointwise() expected 5 arguments")
+        return right(a, b_t, bias) * 1.01
+
+    monkeypatch.setattr(fastlinear, "mm_t", changed)
+    fastlinear.op_matches_f_linear.cache_clear()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
+        with caplog.at_level("WARNING", logger="ftkit.fastlinear"):
+            assert use_onednn_linear(model, "onednn")["linear_backend"] == "torch"
+        assert "torch default" in caplog.text
+        assert all("forward" not in vars(m) for m in model.modules())
+    finally:
+        monkeypatch.undo()
+        fastlinear.op_matches_f_linear.cache_clear()  # the real op, for the tests after this one
+    assert fastlinear.op_matches_f_linear()

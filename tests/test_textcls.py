@@ -15,8 +15,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 import textcls  # noqa: E402
 
+from ftkit.fastlinear import use_onednn_linear  # noqa: E402
 from ftkit.predict import load_run, predict_texts  # noqa: E402
-from ftkit.speed import SpeedArguments, speed_up  # noqa: E402
 
 
 def recipe_args(tiny_model: str, fixtures: Path, out: Path, *extra: str) -> list[str]:
@@ -103,7 +103,7 @@ def test_saved_model_works_with_plain_pipeline(full_run):
 def test_predict_matches_the_recipe_test_predictions(full_run, linear_backend):
     out, _ = full_run
     model, tok, info = load_run(out)
-    speed_up(model, SpeedArguments(linear_backend=linear_backend))
+    use_onednn_linear(model, linear_backend)
     preds = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     probs = predict_texts(model, tok, [p["text"] for p in preds], info, batch_size=5, progress=False)
     expected = np.array([[p[f"p_{n}"] for n in info["labels"]] for p in preds])
