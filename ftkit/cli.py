@@ -23,19 +23,17 @@ def recipes_dir() -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs
+    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs, run_tokenizer
     from ftkit.run import read_run_info, write_rows
     from ftkit.speed import SpeedArguments, speed_up
 
     texts, origins = read_inputs(args.input, args.text_column)
     if (Path(args.run_dir) / "compress.json").is_file():
-        from transformers import AutoTokenizer
-
         from ftkit.compress import load_compressed  # pruned, int8 or ONNX variants: their own paths
 
         model, tokenizer, info = (
             load_compressed(args.run_dir),
-            AutoTokenizer.from_pretrained(args.run_dir),
+            run_tokenizer(args.run_dir),
             read_run_info(args.run_dir),
         )
     else:
