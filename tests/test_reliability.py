@@ -7,6 +7,7 @@ normally run the same code in-process (much cheaper than importing transformers 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -29,9 +30,11 @@ from ftkit import DataError
 from ftkit.metrics import exact_eval_loss
 from ftkit.reliability import (
     MARKER,
+    MARKER_TMP,
     CrashSafeCheckpoints,
     NonFiniteError,
     NonFiniteGuard,
+    incomplete_reason,
     list_checkpoints,
     mark_complete,
     prune_checkpoints,
@@ -119,10 +122,31 @@ def test_resume_skips_partial_and_damaged_checkpoints(tmp_path, caplog):
     assert "checkpoint-40: no ftkit_complete.json" in caplog.text
     assert "checkpoint-30: model.safetensors has 1 bytes, the marker says 30" in caplog.text
     assert "checkpoint-20: no ftkit_complete.json" in caplog.text
-    assert json.loads((good / MARKER).read_text()) == {
-        "step": 10,
-        "files": {"model.safetensors": 10, "trainer_state.json": 2},
-    }
+    files = json.loads((good / MARKER).read_text())["files"]
+    assert {k: v["size"] for k, v in files.items()} == {"model.safetensors": 10, "trainer_state.json": 2}
+    assert files["trainer_state.json"]["sha256"] == hashlib.sha256(b"{}").hexdigest()
+
+
+def test_a_kill_inside_the_marker_write_does_not_spoil_the_next_marker(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, 10, complete=False)
+    (ckpt / MARKER_TMP).write_text('{"step": 1')  # killed halfway through writing the marker
+    mark_complete(ckpt)  # the same folder saved again after a resume
+    assert MARKER_TMP not in json.loads((ckpt / MARKER).read_text())["files"]
+    assert incomplete_reason(ckpt) is None and not (ckpt / MARKER_TMP).exists()
+
+
+def test_checksums_catch_a_changed_file_of_the_same_size(tmp_path, monkeypatch):
+    ckpt = fake_checkpoint(tmp_path, 10)
+    (ckpt / "model.safetensors").write_bytes(b"y" * 10)
+    assert "does not match its checksum" in incomplete_reason(ckpt)
+    assert incomplete_reason(ckpt, checksums=False) is None  # pruning checks sizes only
+    monkeypatch.setattr("ftkit.reliability.HASH_WHOLE", 4)  # big files: their first and last bytes
+    monkeypatch.setattr("ftkit.reliability.HASH_END", 2)
+    mark_complete(ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"yyyyyyyyyz")
+    assert "does not match its checksum" in incomplete_reason(ckpt)
+    (ckpt / MARKER).write_text(json.dumps({"step": 10, "files": {"model.safetensors": 10}}))
+    assert incomplete_reason(ckpt) is None  # a marker of sizes only (older ftkit) still reads
 
 
 def test_explicit_resume_path_must_be_complete(tmp_path):
