@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftkit import DataError
-from ftkit.data import SPLITS, split_name
+from ftkit.data import SPLITS, clean_text, split_lines, split_name
 from ftkit.packages import package_dir
 
 SCHEMES = ("IOB2", "IOB1", "BIOES")
@@ -114,7 +114,10 @@ def _to_iob2_checked(sentences: list[Sentence], scheme: str, at: Callable[[int],
     `at(line)` formats the location of a word for error messages.
     """
     for s in sentences:
-        for tag, line in zip(s.tags, s.lines, strict=True):
+        for token, tag, line in zip(s.tokens, s.tags, s.lines, strict=True):
+            # Checked here, not when writing test_predictions.conll after training: a word is one field.
+            if not token or any(c.isspace() for c in token):
+                raise DataError(f"{at(line)}: token {token!r} is empty or contains whitespace")
             if split_tag(tag)[0] not in ("O", "B", "I", "E", "S"):
                 raise DataError(f"{at(line)}: tag {tag!r} is not O or <prefix>-<TYPE> of IOB2, IOB1 or BIOES")
     if scheme == "auto":
@@ -138,18 +141,17 @@ def _to_iob2_checked(sentences: list[Sentence], scheme: str, at: Callable[[int],
 
 
 def _read_lines(path: Path) -> list[str]:
+    """UTF-8 lines as `ftkit.data.split_lines` splits them (a BOM dropped, NUL refused, CR-only line ends)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from e
-    lines = data.split(b"\n")
-    out = []
-    for i, raw in enumerate(lines, 1):
-        try:
-            out.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid UTF-8 ({e.reason})") from e
-    return out
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from e
+    return split_lines(clean_text(text, path))
 
 
 def read_conll(path: str | Path, tag_column: int = -1, scheme: str = "auto") -> list[Sentence]:

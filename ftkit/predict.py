@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from ftkit import DataError
-from ftkit.data import decode, read_table
+from ftkit.data import decode, read_table, split_lines
 from ftkit.metrics import softmax
 from ftkit.models import MODEL_CLASSES, resolve_model_path
 from ftkit.run import read_run_info
@@ -133,7 +133,7 @@ def read_inputs(
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
     if path.suffix.lower() == ".txt":
-        lines = decode(path.read_bytes(), path, encoding).splitlines()
+        lines = split_lines(decode(path.read_bytes(), path, encoding))
         kept = [(f"{path}:{n}", line) for n, line in enumerate(lines, start=1) if line.strip()]
         if len(kept) < len(lines):
             logger.warning("%s: skipped %d blank line(s)", path, len(lines) - len(kept))

@@ -48,10 +48,14 @@ def test_iob2_with_stray_i_chunk_starts_reads_as_iob1(tmp_path):
 
 
 def test_tabs_and_whitespace_only_lines_and_docstart(tmp_path):
-    text = "-DOCSTART-\tO\n\nNew York\tB-LOC\nis\tO\n \t \nBerlin\tB-LOC\n-DOCSTART-\tO\nParis\tB-LOC\n"
+    text = "-DOCSTART-\tO\n\nYork\tB-LOC\nis\tO\n \t \nBerlin\tB-LOC\n-DOCSTART-\tO\nParis\tB-LOC\n"
     sentences = read_conll(write(tmp_path, text))
-    assert [s.tokens for s in sentences] == [["New York", "is"], ["Berlin"], ["Paris"]]
+    assert [s.tokens for s in sentences] == [["York", "is"], ["Berlin"], ["Paris"]]
     assert [s.doc_id for s in sentences] == [0, 0, 1]
+    # A word is one field of the CoNLL output (test_predictions.conll): a space inside one is refused
+    # when loading, not after training.
+    with pytest.raises(DataError, match=r"data.conll:3: token 'New York' is empty or contains whitespace"):
+        read_conll(write(tmp_path, text.replace("York", "New York")))
 
 
 def test_schemes_convert_to_the_same_iob2(tmp_path):
