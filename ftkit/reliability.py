@@ -226,9 +226,11 @@ class CrashSafeCheckpoints(TrainerCallback):
     def __init__(self) -> None:
         self.save_total_limit: int | None = None
         self._train_began = 0.0
+        self.start_epoch = 0.0  # where this train() began: after a resume, the checkpoint's epoch
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._train_began = time.time()
+        self.start_epoch = state.epoch or 0.0  # the checkpoint it resumes from may be pruned later
         if args.save_total_limit is not None:  # None here after a train() that raised: keep the first value
             self.save_total_limit = args.save_total_limit
         args.save_total_limit = None
