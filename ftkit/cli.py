@@ -53,20 +53,27 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_cp(args: argparse.Namespace) -> None:
     src_dir = recipes_dir()
-    src = src_dir / f"{args.recipe}.py"
-    if not src.is_file():
-        names = sorted(p.stem for p in src_dir.glob("*.py") if not p.name.startswith("_"))
+    names = sorted(p.stem for p in src_dir.glob("*.py") if not p.name.startswith("_"))
+    if args.recipe not in names:  # a name, not a path: "../x" or "/tmp/x" must not pick any .py file
         raise DataError(f"no recipe {args.recipe!r}; available: {', '.join(names)}")
+    src = src_dir / f"{args.recipe}.py"
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / src.name
-    if dest.exists() and not args.force:
-        raise DataError(f"{dest} exists; pass --force to overwrite")
+    # The recipe's configs, as <recipe>.yaml and <recipe>_<variant>.yaml (not another recipe's that
+    # shares the prefix), each copied beside the recipe under the new name.
+    configs = [
+        (c, dest.with_name(dest.stem + c.stem[len(args.recipe) :] + ".yaml"))
+        for c in sorted((src_dir / "configs").glob(f"{args.recipe}*.yaml"))
+        if c.stem == args.recipe or c.stem.startswith(f"{args.recipe}_")
+    ]
+    existing = [str(p) for p in (dest, *(t for _, t in configs)) if p.exists()]
+    if existing and not args.force:
+        raise DataError(f"{', '.join(existing)} exist(s); pass --force to overwrite")
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
     copied = [dest]
-    for config in sorted((src_dir / "configs").glob(f"{args.recipe}*.yaml")):
-        target = dest.with_name(dest.stem + config.stem[len(args.recipe) :] + ".yaml")
+    for config, target in configs:
         shutil.copyfile(config, target)
         copied.append(target)
     print("copied: " + ", ".join(map(str, copied)))
