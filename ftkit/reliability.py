@@ -44,7 +44,12 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a NaN or infinite loss, gradient norm or weight; `step` is the optimizer step."""
+    """Training produced a NaN or infinite loss, gradient norm or weight; `step` is the optimizer step.
+
+    A recipe exits with `exit_status` (3) for it, so a scheduler can tell divergence from other failures.
+    """
+
+    exit_status = 3
 
     def __init__(self, what: str, value: float, step: int, hint: str = "") -> None:
         self.what, self.value, self.step = what, value, step
@@ -294,13 +299,23 @@ class NonFiniteGuard(TrainerCallback):
         args.logging_nan_inf_filter = False
         self._last_logged_step = state.global_step
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if not math.isfinite(norm):
+        if math.isfinite(norm):
+            return
+        scaler = _loss_scaler(optimizer)
+        if scaler is None:
             raise NonFiniteError(
                 "gradient norm", norm, state.global_step + 1, "stopped before the optimizer applied it"
             )
+        # fp16: an overflow is routine; the scaler skips this step and halves its scale. Only a scale
+        # driven below MIN_LOSS_SCALE (gradients overflow even barely scaled) means the run diverged.
+        if scaler.get_scale() < MIN_LOSS_SCALE:
+            raise NonFiniteError(
+                "gradient norm", norm, state.global_step + 1,
+                f"the fp16 loss scale fell to {scaler.get_scale():g}: gradients overflow at any scale",
+            )  # fmt: skip
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_save or control.should_evaluate:
@@ -313,14 +328,25 @@ class NonFiniteGuard(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         _check_weights(model, state.global_step)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        # With a loss scaler the logged grad_norm of an overflow step is inf by design (the step was skipped).
+        for key in ("loss",) if _loss_scaler(optimizer) else ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if value is not None and not math.isfinite(value):
                 span = f"averaged over steps {self._last_logged_step + 1}-{state.global_step}"
                 raise NonFiniteError(f"training {key}", value, state.global_step, span)
         if logs and "loss" in logs:
             self._last_logged_step = state.global_step
+
+
+# Below this fp16 loss scale an overflow is no longer the scaler probing upwards (it starts at 65536).
+MIN_LOSS_SCALE = 1.0
+
+
+def _loss_scaler(optimizer):
+    """The enabled gradient scaler of an fp16 run (accelerate's optimizer wrapper holds it), else None."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def _check_weights(model: torch.nn.Module, step: int) -> None:

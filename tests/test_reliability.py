@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -418,7 +419,9 @@ def recipe_argv(tiny_model: str, fixtures: Path, out: Path, *extra: str) -> list
     ]  # fmt: skip
 
 
-def test_recipe_exits_with_the_step_when_training_diverges(tiny_model, fixtures, tmp_path, monkeypatch):
+def test_recipe_exits_with_the_step_when_training_diverges(
+    tiny_model, fixtures, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     argv = recipe_argv(
         tiny_model, fixtures, out, "--learning_rate", "1e9", "--load_best_model_at_end", "false"
@@ -426,8 +429,9 @@ def test_recipe_exits_with_the_step_when_training_diverges(tiny_model, fixtures,
     monkeypatch.setattr(sys, "argv", [str(RECIPE), *argv, "--save_strategy", "steps", "--save_steps", "1"])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(RECIPE), run_name="__main__")
-    message = exit_.value.code  # a string: the process prints it and exits with status 1
-    assert isinstance(message, str) and message.startswith("error: non-finite gradient norm (nan) at step ")
+    assert exit_.value.code == 3  # its own status: a diverged run, not a failure of the machine or data
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: non-finite gradient norm (nan) at step ")
     step = int(message.split("at step ")[1].split(";")[0])
     saved = list_checkpoints(out / "checkpoints")
     assert [p.name for p in saved] == [f"checkpoint-{s}" for s in range(1, step)]  # none for the bad step
@@ -445,3 +449,34 @@ def test_recipe_resume_auto_without_checkpoints_starts_fresh(tiny_model, fixture
     assert f"No checkpoint in {out / 'checkpoints'}: starting fresh" in capsys.readouterr().err
     assert results["epoch"] == 2 and (out / "model.safetensors").is_file()
     assert resolve_resume(out / "checkpoints") == str(list_checkpoints(out / "checkpoints")[-1])
+
+
+class FakeScaler:
+    """What the guard sees of torch.amp.GradScaler in an fp16 GPU run (accelerate's optimizer holds it)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def get_scale(self) -> float:
+        return self.scale
+
+
+def test_guard_lets_the_fp16_loss_scaler_skip_overflow_steps():
+    model = torch.nn.Linear(2, 1)
+    model.weight.grad = torch.full_like(model.weight, float("inf"))  # an overflowed fp16 backward
+    guard, state, control = NonFiniteGuard(), SimpleNamespace(global_step=4), SimpleNamespace()
+    for optimizer in (None, SimpleNamespace(scaler=None)):
+        with pytest.raises(NonFiniteError, match="gradient norm"):
+            guard.on_pre_optimizer_step(None, state, control, model=model, optimizer=optimizer)
+    scaled = SimpleNamespace(scaler=FakeScaler(2.0**15))
+    guard.on_pre_optimizer_step(None, state, control, model=model, optimizer=scaled)  # skipped by the scaler
+    guard.on_log(None, state, control, logs={"loss": 0.7, "grad_norm": float("inf")}, optimizer=scaled)
+    with pytest.raises(NonFiniteError, match="training loss"):
+        guard.on_log(None, state, control, logs={"loss": float("nan")}, optimizer=scaled)
+    with pytest.raises(NonFiniteError, match="loss scale fell to 0.5"):
+        guard.on_pre_optimizer_step(
+            None, state, control, model=model, optimizer=SimpleNamespace(scaler=FakeScaler(0.5))
+        )
