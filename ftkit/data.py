@@ -13,7 +13,9 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -408,13 +410,23 @@ def extract_archive(path: Path) -> Path:
     ).hexdigest()[:16]
     out = Path.home() / ".cache" / "ftkit" / "extracted" / f"{path.name}-{digest}"
     if not (out / ".complete").exists():
-        out.mkdir(parents=True, exist_ok=True)
+        # Each process (rank) extracts into its own temp folder and renames it into place: the folder
+        # appears whole or not at all, and a rank that loses the race uses the winner's copy.
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         try:
             with tarfile.open(path) as tar:
-                tar.extractall(out, filter="data")  # rejects absolute paths, links out, devices
+                tar.extractall(tmp, filter="data")  # rejects absolute paths, links out, devices
+            (tmp / ".complete").touch()
+            if out.exists() and not (out / ".complete").exists():
+                shutil.rmtree(out, ignore_errors=True)  # left half-done by an ftkit that extracted in place
+            os.rename(tmp, out)
         except (tarfile.TarError, OSError) as err:
-            raise DataError(f"{path}: cannot extract archive: {err}") from None
-        (out / ".complete").touch()
+            if not (out / ".complete").exists():  # not just another rank that renamed first
+                raise DataError(f"{path}: cannot extract archive: {err}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     # Archives usually wrap everything in one top folder.
     entries = [p for p in out.iterdir() if not p.name.startswith(".")]
     return (
