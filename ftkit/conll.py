@@ -7,6 +7,7 @@ Errors a user can fix raise `ftkit.DataError` naming the file and line.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from ftkit import DataError
 from ftkit.data import SPLITS, clean_text, split_lines, split_name
 from ftkit.packages import package_dir
+
+logger = logging.getLogger(__name__)
 
 SCHEMES = ("IOB2", "IOB1", "BIOES")
 _PREFIXES = {"IOB2": "BI", "IOB1": "BI", "BIOES": "BIES"}
@@ -429,4 +432,20 @@ def load_tagged_splits(
     for k, split in enumerate(("test", "validation")):
         if split not in splits:
             splits["train"], splits[split] = hold_out(splits["train"], holdout_fraction, seed + k)
+    warn_unseen_types(splits)
     return {k: splits[k] for k in SPLITS}, source
+
+
+def warn_unseen_types(splits: dict[str, list[Sentence]]) -> dict[str, list[str]]:
+    """Log a warning for entity types of validation/test that train never has (they stay in the label
+    set and are scored, recall 0 by construction); return them per split."""
+    types = {k: {split_tag(t)[1] for s in v for t in s.tags} - {""} for k, v in splits.items()}
+    unseen = {
+        k: sorted(types[k] - types["train"]) for k in ("validation", "test") if types[k] - types["train"]
+    }
+    for split, names in unseen.items():
+        logger.warning(
+            "entity type(s) %s occur in %s but never in train: the model cannot learn them (recall 0)",
+            ", ".join(names), split,
+        )  # fmt: skip
+    return unseen

@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 
 import pytest
@@ -216,3 +217,12 @@ def test_builtin_conll2003_is_complete():
     splits, source = load_tagged_splits()
     assert {k: len(v) for k, v in splits.items()} == {"train": 14041, "validation": 3250, "test": 3453}
     assert "CoNLL-2003" in source and splits["train"][0].tags[:3] == ["B-ORG", "O", "B-MISC"]
+
+
+def test_entity_types_only_in_test_are_warned_about(tmp_path, caplog):
+    train = write(tmp_path, "Ann B-PER\nsaw O\n\nBob B-PER\n", "train.conll")
+    test = write(tmp_path, "Rome B-LOC\nand O\nAnn B-PER\n", "test.conll")
+    with caplog.at_level(logging.WARNING):
+        load_tagged_splits(train_file=str(train), validation_file=str(train), test_file=str(test))
+    assert "entity type(s) LOC occur in test but never in train" in caplog.text
+    assert "validation but never" not in caplog.text
