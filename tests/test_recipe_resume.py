@@ -87,3 +87,12 @@ def test_killed_mid_epoch_or_mid_save_then_resumed_equals_the_uninterrupted_run(
 ):
     kill_and_resume(tiny_model, tmp_path / "run", where)
     assert_same_run(reference, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_two_rank_recipe_killed_mid_epoch_then_resumed_equals_the_uninterrupted_run(tiny_model, tmp_path):
+    reference = tmp_path / "reference"
+    proc = run(tiny_model, reference, "none", ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kill_and_resume(tiny_model, tmp_path / "run", "step:15", ranks=2)
+    assert_same_run(reference, tmp_path / "run")
