@@ -63,9 +63,11 @@ def reference(tiny_model, tmp_path_factory) -> Path:
 
 def kill_and_resume(tiny_model: str, out: Path, where: str, ranks: int = 1) -> None:
     killed = run(tiny_model, out, where, ranks=ranks)
-    assert killed.returncode != 0 and "Traceback" not in killed.stderr, killed.stderr[-3000:]
-    if ranks == 1:
-        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    if ranks == 1:  # torchrun reports a killed rank with a traceback of its own and status 1
+        assert killed.returncode == -signal.SIGKILL and "Traceback" not in killed.stderr, killed.stderr[
+            -3000:
+        ]
     resumed = run(tiny_model, out, "none", "--resume", "auto", ranks=ranks)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr and "checkpoint-12" in resumed.stderr
