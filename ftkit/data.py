@@ -367,7 +367,7 @@ def check_label(label: object, origin: str, column: str) -> str | int | float:
     otherwise become a class named after their text: missing, NaN/inf, booleans, lists and objects."""
     if isinstance(label, str):
         label = label.strip()
-        if label.lower() in ("", "nan", "none", "null"):
+        if label.lower() in ("", "nan"):  # "nan": a missing value written out by pandas or str(float)
             raise DataError(f"{origin}: empty or missing label in column {column!r} (got {label!r})")
         if label[:1] in "[{" and label[-1:] in "]}":
             raise DataError(
