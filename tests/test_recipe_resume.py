@@ -29,6 +29,9 @@ def run(
     args = [
         "--model_name_or_path", tiny_model, "--output_dir", str(out), "--logging_steps", "1",
         "--per_device_train_batch_size", str(8 // ranks), "--disable_tqdm", "true",
+        # auto times oneDNN against torch in each process: under load two processes can choose differently,
+        # and the two fp32 paths differ in the last bits.
+        "--linear_backend", "torch",
     ]  # fmt: skip
     if recipe == "textcls":
         args += [
