@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, pipeline
+from transformers import pipeline
 
 from ftkit.compress import load_compressed, load_torch_model, read_compress_record
 from ftkit.data import read_table
-from ftkit.predict import predict_texts
+from ftkit.predict import predict_texts, run_tokenizer
 from ftkit.run import read_run_info
 
 PIPELINE = "transformers.pipeline fp32"
@@ -71,13 +71,13 @@ def _predictors(runs: Sequence[Path]) -> dict[str, tuple[Callable, Path]]:
     pipe = pipeline(
         "text-classification",
         model=load_torch_model(ref),
-        tokenizer=AutoTokenizer.from_pretrained(ref),
+        tokenizer=run_tokenizer(ref),
         device=-1,
     )
     kwargs = {"truncation": True, "max_length": info["max_length"]}
     out = {PIPELINE: (lambda xs, bs: [o["label"] for o in pipe(xs, batch_size=bs, **kwargs)], ref)}
     for run in runs:
-        model, tok, run_info = load_compressed(run), AutoTokenizer.from_pretrained(run), read_run_info(run)
+        model, tok, run_info = load_compressed(run), run_tokenizer(run), read_run_info(run)
 
         def predict(xs, bs, model=model, tok=tok, run_info=run_info):
             probs = predict_texts(model, tok, list(xs), run_info, batch_size=bs, progress=False)

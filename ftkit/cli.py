@@ -24,18 +24,16 @@ def recipes_dir() -> Path:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from ftkit.fastlinear import use_onednn_linear
-    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs
+    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs, run_tokenizer
     from ftkit.run import read_run_info, write_rows
 
     texts, origins = read_inputs(args.input, args.text_column)
     if (Path(args.run_dir) / "compress.json").is_file():
-        from transformers import AutoTokenizer
-
         from ftkit.compress import load_compressed  # pruned, int8 or ONNX variants: their own paths
 
         model, tokenizer, info = (
             load_compressed(args.run_dir),
-            AutoTokenizer.from_pretrained(args.run_dir),
+            run_tokenizer(args.run_dir),
             read_run_info(args.run_dir),
         )
     else:
@@ -64,20 +62,27 @@ def cmd_cp(args: argparse.Namespace) -> None:
             shutil.copyfile(config, dest / config.name)
         print(f"copied the accelerate configs to {dest}: accelerate launch --config_file {dest}/ddp.yaml ...")
         return
-    src = src_dir / f"{args.recipe}.py"
-    if not src.is_file():
-        names = sorted(p.stem for p in src_dir.glob("*.py") if not p.name.startswith("_"))
+    names = sorted(p.stem for p in src_dir.glob("*.py") if not p.name.startswith("_"))
+    if args.recipe not in names:  # a name, not a path: "../x" or "/tmp/x" must not pick any .py file
         raise DataError(f"no recipe {args.recipe!r}; available: {', '.join(names)}")
+    src = src_dir / f"{args.recipe}.py"
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / src.name
-    if dest.exists() and not args.force:
-        raise DataError(f"{dest} exists; pass --force to overwrite")
+    # The recipe's configs, as <recipe>.yaml and <recipe>_<variant>.yaml (not another recipe's that
+    # shares the prefix), each copied beside the recipe under the new name.
+    configs = [
+        (c, dest.with_name(dest.stem + c.stem[len(args.recipe) :] + ".yaml"))
+        for c in sorted((src_dir / "configs").glob(f"{args.recipe}*.yaml"))
+        if c.stem == args.recipe or c.stem.startswith(f"{args.recipe}_")
+    ]
+    existing = [str(p) for p in (dest, *(t for _, t in configs)) if p.exists()]
+    if existing and not args.force:
+        raise DataError(f"{', '.join(existing)} exist(s); pass --force to overwrite")
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
     copied = [dest]
-    for config in sorted((src_dir / "configs").glob(f"{args.recipe}*.yaml")):
-        target = dest.with_name(dest.stem + config.stem[len(args.recipe) :] + ".yaml")
+    for config, target in configs:
         shutil.copyfile(config, target)
         copied.append(target)
     print("copied: " + ", ".join(map(str, copied)))

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from ftkit import DataError
 from ftkit.models import MODEL_CLASSES
-from ftkit.predict import load_run
+from ftkit.predict import load_run, run_config, run_tokenizer
 from ftkit.run import RUN_FILE, package_versions, read_run_info
 from ftkit.text import pad_batch
 
@@ -59,7 +59,24 @@ _KEEP = (
 def read_compress_record(run_dir: str | Path) -> dict:
     """`compress.json` of a run directory written by this module, or `{}` for any other run."""
     path = Path(run_dir) / COMPRESS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return record
+
+
+def _model_file(run_dir: Path, record: dict) -> Path:
+    """The model file `compress.json` names, which must be a file inside the run directory."""
+    name = record.get("file")
+    path = (run_dir / str(name)).resolve() if isinstance(name, str) and name else None
+    if path is None or not path.is_relative_to(run_dir.resolve()) or not path.is_file():
+        raise DataError(f"{run_dir / COMPRESS_FILE}: file {name!r} is not a file inside {run_dir}")
+    return path
 
 
 def load_torch_model(run_dir: str | Path) -> PreTrainedModel:
@@ -73,10 +90,10 @@ def load_torch_model(run_dir: str | Path) -> PreTrainedModel:
         raise DataError(f"{run_dir} holds an ONNX model; open it with load_compressed()")
     if record.get("layers"):
         # Pruned layers have shapes config.json cannot express: build the full model, shrink it, load.
-        model = MODEL_CLASSES[read_run_info(run_dir)["task"]].from_config(AutoConfig.from_pretrained(run_dir))
+        model = MODEL_CLASSES[read_run_info(run_dir)["task"]].from_config(run_config(run_dir))
         for layer, shape in zip(_layers(model), record["layers"], strict=True):
             _shrink_layer(layer, shape["heads"], shape["intermediate"])
-        model.load_state_dict(load_file(run_dir / "model.safetensors"), strict=True)
+        model.load_state_dict(load_file(_model_file(run_dir, record)), strict=True)
         return model.eval()
     model, _tokenizer, _info = load_run(run_dir)
     if isinstance(model, PeftModel):
@@ -129,7 +146,7 @@ def load_compressed(run_dir: str | Path) -> PreTrainedModel | OnnxModel:
     run_dir = Path(run_dir)
     record = read_compress_record(run_dir)
     if record.get("format") == "onnx":
-        return OnnxModel(onnx_session(run_dir / record["file"]), AutoConfig.from_pretrained(run_dir))
+        return OnnxModel(onnx_session(_model_file(run_dir, record)), run_config(run_dir))
     if record.get("runtime"):  # chosen by measurement (`ftkit compress --choose`, ftkit/choose.py)
         from ftkit.choose import apply_runtime
 
@@ -157,7 +174,7 @@ def merge_lora(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Merge a LoRA run's adapter into its base and save a plain transformers run directory."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model = load_torch_model(run_dir)
-    _copy_run_files(run_dir, out_dir, AutoTokenizer.from_pretrained(run_dir))
+    _copy_run_files(run_dir, out_dir, run_tokenizer(run_dir))
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -538,7 +555,7 @@ def compress_run(
         raise DataError("nothing to do: pass quantize, prune_heads/prune_ffn, merge_lora or onnx")
     if pruning and not texts:
         raise DataError("pruning needs validation texts to estimate head/neuron importance (texts=...)")
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    tokenizer = run_tokenizer(run_dir)
     info = read_run_info(run_dir)
     max_length, case_feature = info["max_length"], info.get("case_feature", False)
     model = load_torch_model(run_dir)

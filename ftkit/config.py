@@ -116,6 +116,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     # rank). A model whose batches leave some parameters out (a multi-task model fed one task at a
     # time) sets it back to True.
     "ddp_find_unused_parameters": False,
+    # A resumed run continues early stopping where it was (its patience counter is in the checkpoint);
+    # without it a run killed after a non-improving epoch trains longer than the uninterrupted one.
+    "restore_callback_states_from_checkpoint": True,
     # Without a GPU, use_cpu makes accelerate set up a multi-process launch (accelerate --multi_gpu,
     # torchrun) as gloo ranks with DDP (ddp_backend=gloo alone gives ranks that never sync gradients),
     # and lets `--bf16 true` train in bf16 autocast on the CPU.

@@ -7,13 +7,16 @@ Errors a user can fix raise `ftkit.DataError` naming the file and line.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftkit import DataError
-from ftkit.data import SPLITS, split_name
+from ftkit.data import SPLITS, clean_text, split_lines, split_name
 from ftkit.packages import package_dir
+
+logger = logging.getLogger(__name__)
 
 SCHEMES = ("IOB2", "IOB1", "BIOES")
 _PREFIXES = {"IOB2": "BI", "IOB1": "BI", "BIOES": "BIES"}
@@ -114,7 +117,10 @@ def _to_iob2_checked(sentences: list[Sentence], scheme: str, at: Callable[[int],
     `at(line)` formats the location of a word for error messages.
     """
     for s in sentences:
-        for tag, line in zip(s.tags, s.lines, strict=True):
+        for token, tag, line in zip(s.tokens, s.tags, s.lines, strict=True):
+            # Checked here, not when writing test_predictions.conll after training: a word is one field.
+            if not token or any(c.isspace() for c in token):
+                raise DataError(f"{at(line)}: token {token!r} is empty or contains whitespace")
             if split_tag(tag)[0] not in ("O", "B", "I", "E", "S"):
                 raise DataError(f"{at(line)}: tag {tag!r} is not O or <prefix>-<TYPE> of IOB2, IOB1 or BIOES")
     if scheme == "auto":
@@ -138,18 +144,17 @@ def _to_iob2_checked(sentences: list[Sentence], scheme: str, at: Callable[[int],
 
 
 def _read_lines(path: Path) -> list[str]:
+    """UTF-8 lines as `ftkit.data.split_lines` splits them (a BOM dropped, NUL refused, CR-only line ends)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from e
-    lines = data.split(b"\n")
-    out = []
-    for i, raw in enumerate(lines, 1):
-        try:
-            out.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid UTF-8 ({e.reason})") from e
-    return out
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from e
+    return split_lines(clean_text(text, path))
 
 
 def read_conll(path: str | Path, tag_column: int = -1, scheme: str = "auto") -> list[Sentence]:
@@ -433,4 +438,20 @@ def load_tagged_splits(
     for k, split in enumerate(("test", "validation")):
         if split not in splits:
             splits["train"], splits[split] = hold_out(splits["train"], holdout_fraction, split_seed + k)
+    warn_unseen_types(splits)
     return {k: splits[k] for k in SPLITS}, source
+
+
+def warn_unseen_types(splits: dict[str, list[Sentence]]) -> dict[str, list[str]]:
+    """Log a warning for entity types of validation/test that train never has (they stay in the label
+    set and are scored, recall 0 by construction); return them per split."""
+    types = {k: {split_tag(t)[1] for s in v for t in s.tags} - {""} for k, v in splits.items()}
+    unseen = {
+        k: sorted(types[k] - types["train"]) for k in ("validation", "test") if types[k] - types["train"]
+    }
+    for split, names in unseen.items():
+        logger.warning(
+            "entity type(s) %s occur in %s but never in train: the model cannot learn them (recall 0)",
+            ", ".join(names), split,
+        )  # fmt: skip
+    return unseen

@@ -13,7 +13,9 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -133,9 +135,13 @@ class LoadStats:
 
 
 def decode(data: bytes, path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """Decode file bytes; on failure name the file, line and column of the first bad byte."""
+    """Decode file bytes; on failure name the file, line and column of the first bad byte.
+
+    A byte-order mark at the start is dropped (Excel writes one before CSV headers); a NUL character is
+    an error naming its line (no text holds one: the file is binary, or UTF-16 read as UTF-8).
+    """
     try:
-        return data.decode(encoding, errors=errors)
+        text = data.decode(encoding, errors=errors)
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
@@ -146,6 +152,30 @@ def decode(data: bytes, path: str | Path, encoding: str = "utf-8", errors: str =
         ) from None
     except LookupError:
         raise DataError(f"unknown encoding {encoding!r} given for {path}") from None
+    return clean_text(text, path)
+
+
+def clean_text(text: str, path: str | Path) -> str:
+    """Decoded file text without its byte-order mark; a NUL character is a `DataError` naming the line."""
+    if (nul := text.find("\x00")) >= 0:
+        raise DataError(
+            f"{path}:{text.count(chr(10), 0, nul) + 1}: NUL character: this is not a text file in the "
+            "expected encoding (a binary file, or UTF-16?)"
+        )
+    return text.removeprefix("\ufeff")
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of `text`, ended by \\n (a \\r before it is dropped); a file with only \\r line ends
+    (old Mac) is split on \\r. Not `str.splitlines`, which also splits on U+2028, U+0085, form feeds
+    and other characters that occur inside texts, and would shift every later `file:line`."""
+    if "\n" not in text and "\r" in text:
+        lines = text.split("\r")
+    else:
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()  # the end of the last line, not an empty line after it
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +290,8 @@ def _records(path: Path, encoding: str, errors: str) -> list[tuple[str, dict]]:
         delimiter = "\t" if suffix == ".tsv" else ","
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         out = []
+        # csv refuses fields over 128 KiB by default; a long document in one cell is ordinary here.
+        limit = csv.field_size_limit(2**31 - 1)
         try:
             for rec in reader:
                 # reader.line_num is the line where this record ends; records can span lines.
@@ -268,12 +300,14 @@ def _records(path: Path, encoding: str, errors: str) -> list[tuple[str, dict]]:
                 out.append((f"{path}:{reader.line_num}", rec))
         except csv.Error as err:
             raise DataError(f"{path}:{reader.line_num}: bad CSV: {err}") from None
+        finally:
+            csv.field_size_limit(limit)
         if not out:
             raise DataError(f"{path}: only a header, no data rows")
         return out
     if suffix == ".jsonl":
         out = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(split_lines(text), start=1):
             if not line.strip():
                 continue
             try:
@@ -327,12 +361,36 @@ def read_table(
             raise DataError(f"{origin}: empty or missing text in column {text_col!r}")
         row: Row = {"text": text, "origin": origin}
         if label_col:
-            label = rec.get(label_col)
-            if label is None or (isinstance(label, str) and not label.strip()):
-                raise DataError(f"{origin}: empty or missing label in column {label_col!r}")
-            row["label"] = label.strip() if isinstance(label, str) else label
+            row["label"] = check_label(rec.get(label_col), origin, label_col)
         rows.append(row)
     return rows, text_col, label_col
+
+
+def check_label(label: object, origin: str, column: str) -> str | int | float:
+    """A label as read (a name or a number), or a `DataError` naming the row for values that would
+    otherwise become a class named after their text: missing, NaN/inf, booleans, lists and objects."""
+    if isinstance(label, str):
+        label = label.strip()
+        if label.lower() in ("", "nan"):  # "nan": a missing value written out by pandas or str(float)
+            raise DataError(f"{origin}: empty or missing label in column {column!r} (got {label!r})")
+        if label[:1] in "[{" and label[-1:] in "]}":
+            raise DataError(
+                f"{origin}: label {label!r} in column {column!r} looks like a list: multi-label data is "
+                "not supported yet; give one label per row"
+            )
+        return label
+    if label is None or (isinstance(label, float) and math.isnan(label)):
+        raise DataError(f"{origin}: empty or missing label in column {column!r}")
+    if isinstance(label, bool):
+        raise DataError(f"{origin}: label {label!r} in column {column!r} is a boolean; write the class name")
+    if isinstance(label, list | tuple | dict | np.ndarray):
+        raise DataError(
+            f"{origin}: label {label!r} in column {column!r} is a list: multi-label data is not supported "
+            "yet; give one label per row"
+        )
+    if not isinstance(label, int | float) or not math.isfinite(label):
+        raise DataError(f"{origin}: label {label!r} in column {column!r} is not a class name or number")
+    return label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,13 +414,23 @@ def extract_archive(path: Path) -> Path:
     ).hexdigest()[:16]
     out = Path.home() / ".cache" / "ftkit" / "extracted" / f"{path.name}-{digest}"
     if not (out / ".complete").exists():
-        out.mkdir(parents=True, exist_ok=True)
+        # Each process (rank) extracts into its own temp folder and renames it into place: the folder
+        # appears whole or not at all, and a rank that loses the race uses the winner's copy.
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         try:
             with tarfile.open(path) as tar:
-                tar.extractall(out, filter="data")  # rejects absolute paths, links out, devices
+                tar.extractall(tmp, filter="data")  # rejects absolute paths, links out, devices
+            (tmp / ".complete").touch()
+            if out.exists() and not (out / ".complete").exists():
+                shutil.rmtree(out, ignore_errors=True)  # left half-done by an ftkit that extracted in place
+            os.rename(tmp, out)
         except (tarfile.TarError, OSError) as err:
-            raise DataError(f"{path}: cannot extract archive: {err}") from None
-        (out / ".complete").touch()
+            if not (out / ".complete").exists():  # not just another rank that renamed first
+                raise DataError(f"{path}: cannot extract archive: {err}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     # Archives usually wrap everything in one top folder.
     entries = [p for p in out.iterdir() if not p.name.startswith(".")]
     return (
@@ -477,6 +545,15 @@ def dedupe(rows: list[Row]) -> tuple[list[Row], int, int]:
         seen[key] = row["label"]
         out.append(row)
     return out, len(rows) - len(out), conflicts
+
+
+def label_conflicts(splits: dict[str, list[Row]]) -> int:
+    """How many distinct texts (after stripping) occur with more than one label across `splits`."""
+    labels: dict[str, set[str]] = {}
+    for rows in splits.values():
+        for row in rows:
+            labels.setdefault(row["text"].strip(), set()).add(label_key(row["label"]))
+    return sum(len(found) > 1 for found in labels.values())
 
 
 def stratified_split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -658,6 +735,13 @@ def load_text_splits(
             f"{', '.join(made)} carved from train (stratified, split seed {split_seed}, after dedupe)"
         )
         logger.info("made the %s split(s) from train: %s", "/".join(made), stats.split_made)
+
+    else:
+        stats.duplicate_label_conflicts = label_conflicts(splits)
+        if stats.duplicate_label_conflicts:
+            logger.warning(
+                "%d texts occur with different labels in the given splits", stats.duplicate_label_conflicts
+            )
 
     train_texts = {r["text"].strip() for r in splits["train"]}
     stats.train_test_overlap = sum(r["text"].strip() in train_texts for r in splits.get("test", []))

@@ -12,13 +12,43 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from ftkit import DataError
-from ftkit.data import decode, read_table
+from ftkit.data import decode, read_table, split_lines
 from ftkit.metrics import softmax
 from ftkit.models import MODEL_CLASSES, resolve_model_path
 from ftkit.run import read_run_info
 from ftkit.text import encode_texts, pad_batch
 
 logger = logging.getLogger(__name__)
+
+
+def run_config(path: str | Path):
+    """The `config.json` of a run directory (or base model) without running any code it names.
+
+    `trust_remote_code=False` is explicit: left unset, transformers asks `[y/N]` on a terminal for a
+    config whose unknown model_type names Python files (`auto_map`), and "y" runs them.
+    """
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{path}: cannot load config.json without running code from it: {err}") from None
+
+
+def run_tokenizer(path: str | Path):
+    """The tokenizer of a run directory, with `trust_remote_code=False` (see `run_config`)."""
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{path}: cannot load the tokenizer without running code from it: {err}") from None
+
+
+def _check_weights_format(run_dir: Path) -> None:
+    # Pickled weights (.bin) can run code when loaded: ftkit loads safetensors only and says so plainly.
+    for folder in (run_dir, run_dir / "adapter"):
+        if not any(folder.glob("*.safetensors")) and (pickled := sorted(folder.glob("*.bin"))):
+            raise DataError(
+                f"{pickled[0]}: pickled weights are not loaded (they can run code); ftkit reads safetensors "
+                "only: re-save the model with safe_serialization=True"
+            )
 
 
 def load_run(run_dir: str | Path):
@@ -30,25 +60,29 @@ def load_run(run_dir: str | Path):
     """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    if info["task"] not in MODEL_CLASSES:
+        raise DataError(f"{run_dir / 'ftkit_run.json'}: unknown task {info['task']!r}")
+    _check_weights_format(run_dir)
+    tokenizer = run_tokenizer(run_dir)
     model_cls = MODEL_CLASSES[info["task"]]
+    config = run_config(run_dir)  # carries the label maps and head size
+    no_code = {"use_safetensors": True, "trust_remote_code": False}
     if (run_dir / "model.safetensors").is_file():
-        model = model_cls.from_pretrained(run_dir, use_safetensors=True)
+        model = model_cls.from_pretrained(run_dir, config=config, **no_code)
     elif (run_dir / "adapter" / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        config = AutoConfig.from_pretrained(run_dir)  # carries the label maps and head size
         base_path = resolve_model_path(info.get("base_model"))
         if info.get("case_feature"):
             # NER case types: the base loads with its own token-type table, grown as in training; the
             # adapter then brings the trained one.
-            config.type_vocab_size = AutoConfig.from_pretrained(base_path).type_vocab_size
-        base = model_cls.from_pretrained(base_path, config=config, use_safetensors=True)
+            config.type_vocab_size = run_config(base_path).type_vocab_size
+        base = model_cls.from_pretrained(base_path, config=config, **no_code)
         if info.get("case_feature"):
             from ftkit.ner import add_case_types
 
             add_case_types(base)
-        model = PeftModel.from_pretrained(base, run_dir / "adapter")
+        model = PeftModel.from_pretrained(base, run_dir / "adapter")  # safetensors: checked above
     else:
         raise DataError(f"{run_dir}: no model.safetensors and no adapter/ folder: nothing to load")
     return model.eval(), tokenizer, info
@@ -104,7 +138,7 @@ def read_inputs(
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
     if path.suffix.lower() == ".txt":
-        lines = decode(path.read_bytes(), path, encoding).splitlines()
+        lines = split_lines(decode(path.read_bytes(), path, encoding))
         kept = [(f"{path}:{n}", line) for n, line in enumerate(lines, start=1) if line.strip()]
         if len(kept) < len(lines):
             logger.warning("%s: skipped %d blank line(s)", path, len(lines) - len(kept))

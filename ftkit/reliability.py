@@ -7,14 +7,15 @@ A recipe uses these explicitly:
 
 How a checkpoint becomes "complete": Trainer writes `checkpoint-N/` file by file. After the save (all ranks
 done), `CrashSafeCheckpoints` fsyncs every file and the folder, then atomically writes `ftkit_complete.json`
-(file names and sizes). `resolve_resume` only returns a checkpoint whose marker is present and whose files
-still match it; anything else is skipped with a warning and never loaded. Exact resume itself (weights,
+(file names, sizes and sha256 checksums). `resolve_resume` only returns a checkpoint whose marker is present
+and whose files still match it (sizes and checksums); anything else is skipped with a warning and never loaded. Exact resume itself (weights,
 optimizer, scheduler, per-rank RNG states, data order) is Trainer's own; ftkit only makes sure that what
 Trainer resumes from is whole. Each guarantee has a test in tests/test_reliability.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,12 +33,23 @@ from ftkit import DataError
 logger = logging.getLogger(__name__)
 
 MARKER = "ftkit_complete.json"
+MARKER_TMP = f".{MARKER}.tmp"  # the marker while it is written; a kill can leave it behind
+# Files up to this size are hashed whole; larger ones (weights, optimizer state) by their first and last
+# HASH_END bytes: that covers a safetensors header (tensor offsets) and a cut-off tail, at a cost that does
+# not grow with the model (hashing whole optimizer states would add seconds to every save of a large model).
+HASH_WHOLE = 16 << 20
+HASH_END = 1 << 20
 JIT_SENTINEL = "checkpoint-is-incomplete.txt"  # Trainer's `enable_jit_checkpoint` writes it during a save
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class NonFiniteError(RuntimeError):
-    """Training produced a NaN or infinite loss, gradient norm or weight; `step` is the optimizer step."""
+    """Training produced a NaN or infinite loss, gradient norm or weight; `step` is the optimizer step.
+
+    A recipe exits with `exit_status` (3) for it, so a scheduler can tell divergence from other failures.
+    """
+
+    exit_status = 3
 
     def __init__(self, what: str, value: float, step: int, hint: str = "") -> None:
         self.what, self.value, self.step = what, value, step
@@ -59,8 +71,25 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def incomplete_reason(checkpoint_dir: str | os.PathLike) -> str | None:
-    """Return why `checkpoint_dir` cannot be resumed from, or None if its completion marker checks out."""
+def file_checksum(path: Path) -> str:
+    """sha256 of the file, or for files over `HASH_WHOLE` bytes of its first and last `HASH_END` bytes."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= HASH_WHOLE:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(HASH_END))
+            f.seek(size - HASH_END)
+            digest.update(f.read(HASH_END))
+    return digest.hexdigest()
+
+
+def incomplete_reason(checkpoint_dir: str | os.PathLike, checksums: bool = True) -> str | None:
+    """Return why `checkpoint_dir` cannot be resumed from, or None if its completion marker checks out.
+
+    Sizes are always compared; checksums too unless `checksums=False` (pruning, which runs at every save).
+    """
     checkpoint = Path(checkpoint_dir)
     if (checkpoint / JIT_SENTINEL).exists():
         return f"{JIT_SENTINEL} (a SIGTERM checkpoint was interrupted)"
@@ -70,12 +99,16 @@ def incomplete_reason(checkpoint_dir: str | os.PathLike) -> str | None:
         return f"no {MARKER} (the save was interrupted)"
     except (OSError, ValueError) as err:
         return f"unreadable {MARKER}: {err}"
-    for name, size in marker.get("files", {}).items():
+    for name, entry in marker.get("files", {}).items():
+        # Markers written before checksums existed map each name to its size.
+        size, checksum = (entry, None) if isinstance(entry, int) else (entry["size"], entry["sha256"])
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, the marker says {size}"
+        if checksums and checksum is not None and file_checksum(path) != checksum:
+            return f"{name} does not match its checksum (changed after the save)"
     return None
 
 
@@ -126,15 +159,17 @@ def _fsync(path: Path) -> None:
 def mark_complete(checkpoint_dir: str | os.PathLike) -> None:
     """Flush every file of `checkpoint_dir` to disk, then atomically write its completion marker."""
     checkpoint = Path(checkpoint_dir)
+    tmp = checkpoint / MARKER_TMP
+    tmp.unlink(missing_ok=True)  # left by a kill inside an earlier marker write: not part of the checkpoint
     files = {}
     for path in sorted(checkpoint.rglob("*")):
         if path.is_file() and path.name != MARKER:
             _fsync(path)
-            files[path.relative_to(checkpoint).as_posix()] = path.stat().st_size
+            size = path.stat().st_size
+            files[path.relative_to(checkpoint).as_posix()] = {"size": size, "sha256": file_checksum(path)}
     for folder in {p.parent for p in checkpoint.rglob("*")} | {checkpoint}:
         _fsync(folder)
     match = _CHECKPOINT_RE.match(checkpoint.name)
-    tmp = checkpoint / f".{MARKER}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"step": int(match.group(1)) if match else None, "files": files}, f, indent=1)
         f.flush()
@@ -162,7 +197,7 @@ def prune_checkpoints(
     deleted folders.
     """
     checkpoints = list_checkpoints(output_dir)
-    complete = [c for c in checkpoints if incomplete_reason(c) is None]
+    complete = [c for c in checkpoints if incomplete_reason(c, checksums=False) is None]
     doomed = [c for c in checkpoints if c not in complete]
     if save_total_limit is not None and save_total_limit > 0 and complete:
         protected = {complete[-1]} | ({Path(best_checkpoint)} if best_checkpoint else set())
@@ -196,9 +231,11 @@ class CrashSafeCheckpoints(TrainerCallback):
     def __init__(self) -> None:
         self.save_total_limit: int | None = None
         self._train_began = 0.0
+        self.start_epoch = 0.0  # where this train() began: after a resume, the checkpoint's epoch
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._train_began = time.time()
+        self.start_epoch = state.epoch or 0.0  # the checkpoint it resumes from may be pruned later
         if args.save_total_limit is not None:  # None here after a train() that raised: keep the first value
             self.save_total_limit = args.save_total_limit
         args.save_total_limit = None
@@ -262,13 +299,23 @@ class NonFiniteGuard(TrainerCallback):
         args.logging_nan_inf_filter = False
         self._last_logged_step = state.global_step
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if not math.isfinite(norm):
+        if math.isfinite(norm):
+            return
+        scaler = _loss_scaler(optimizer)
+        if scaler is None:
             raise NonFiniteError(
                 "gradient norm", norm, state.global_step + 1, "stopped before the optimizer applied it"
             )
+        # fp16: an overflow is routine; the scaler skips this step and halves its scale. Only a scale
+        # driven below MIN_LOSS_SCALE (gradients overflow even barely scaled) means the run diverged.
+        if scaler.get_scale() < MIN_LOSS_SCALE:
+            raise NonFiniteError(
+                "gradient norm", norm, state.global_step + 1,
+                f"the fp16 loss scale fell to {scaler.get_scale():g}: gradients overflow at any scale",
+            )  # fmt: skip
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_save or control.should_evaluate:
@@ -281,14 +328,25 @@ class NonFiniteGuard(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         _check_weights(model, state.global_step)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        # With a loss scaler the logged grad_norm of an overflow step is inf by design (the step was skipped).
+        for key in ("loss",) if _loss_scaler(optimizer) else ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if value is not None and not math.isfinite(value):
                 span = f"averaged over steps {self._last_logged_step + 1}-{state.global_step}"
                 raise NonFiniteError(f"training {key}", value, state.global_step, span)
         if logs and "loss" in logs:
             self._last_logged_step = state.global_step
+
+
+# Below this fp16 loss scale an overflow is no longer the scaler probing upwards (it starts at 65536).
+MIN_LOSS_SCALE = 1.0
+
+
+def _loss_scaler(optimizer):
+    """The enabled gradient scaler of an fp16 run (accelerate's optimizer wrapper holds it), else None."""
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def _check_weights(model: torch.nn.Module, step: int) -> None:

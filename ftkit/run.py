@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +59,13 @@ class RunArguments:
             "ones are skipped; none: start fresh); or the path of one checkpoint."
         },
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the run in a used --output_dir (its model, checkpoints and results are deleted "
+            "first). Without it (or --resume) a non-empty --output_dir is refused."
+        },
+    )
 
 
 def make_run_dir(task: str, output_dir: str | None, resume: bool = False) -> Path:
@@ -75,10 +83,78 @@ def make_run_dir(task: str, output_dir: str | None, resume: bool = False) -> Pat
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    name = [time.strftime("%Y%m%d-%H%M%S")]
+    # Milliseconds and the process id: two runs started in the same second get different folders.
+    now = time.time()
+    name = [f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{int(now % 1 * 1000):03d}-{os.getpid()}"]
     if PartialState().num_processes > 1:
-        broadcast_object_list(name)  # ranks start a second apart: use rank 0's clock
+        broadcast_object_list(name)  # ranks start apart and have their own pids: use rank 0's name
     return Path("runs") / task / name[0]
+
+
+# What ftkit writes into a run directory (`save_run`, `ftkit predict`, Trainer's checkpoints). `--overwrite`
+# deletes these and nothing else, so an --output_dir pointed at the wrong folder loses no foreign file.
+RUN_OUTPUTS = (
+    "checkpoints", "adapter", RUN_FILE, "all_results.json", "test_report.json", "test_report.txt",
+    "test_predictions.jsonl", "test_predictions.csv", "confusion_matrix.png", "training_curves.png",
+    "README.md", "config.yaml", "manifest.json", "config.json", "generation_config.json", "compress.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "added_tokens.json",
+    "chat_template.jinja", "test_predictions.conll",
+)  # fmt: skip
+# Model weights of either kind, in every name transformers and peft give them: before the final save
+# they are all removed, so no model of another run stays beside the new one (load_run would prefer it).
+MODEL_FILES = (
+    "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+    "pytorch_model.bin.index.json", "*.onnx", "*.onnx.data", "adapter_model.*", "adapter_config.json",
+)  # fmt: skip
+
+
+def remove_outputs(run_dir: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Delete the files and folders of `run_dir` whose names match `patterns`; return their names."""
+    removed = []
+    for pattern in patterns:
+        for path in sorted(run_dir.glob(pattern)):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a used run directory unless the run continues it (`resume`) or replaces it (`overwrite`).
+
+    A missing or empty folder is unused. With `overwrite` the previous run's files (`RUN_OUTPUTS`, the
+    model files and `predictions-*`) are deleted on the main process; other files are left and listed.
+    """
+    if resume and overwrite:
+        raise DataError("--resume and --overwrite contradict each other: continue the run or replace it")
+    if resume or not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: --output_dir exists and is not a folder")
+    used = sorted(p.name for p in run_dir.iterdir())
+    if not used:
+        return
+    if not overwrite:
+        shown = ", ".join(used[:5]) + (", ..." if len(used) > 5 else "")
+        raise DataError(
+            f"{run_dir}: --output_dir is not empty ({shown}); pass --resume auto to continue that run, "
+            "--overwrite to replace it, or choose a new folder"
+        )
+    if RUN_FILE not in used and "checkpoints" not in used:
+        raise DataError(
+            f"{run_dir}: --overwrite replaces only an ftkit run directory (with {RUN_FILE} or checkpoints/), "
+            "and this folder has neither: choose a new --output_dir"
+        )
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()  # every rank has looked before the main process deletes
+    if state.is_main_process:
+        removed = remove_outputs(run_dir, (*RUN_OUTPUTS, *MODEL_FILES, "predictions-*"))
+        logger.warning("--overwrite: deleted %d entries of the previous run in %s", len(removed), run_dir)
+        left = sorted(p.name for p in run_dir.iterdir())
+        if left:
+            logger.warning("--overwrite: left %s in %s (not written by ftkit)", ", ".join(left), run_dir)
+    state.wait_for_everyone()
 
 
 def start_run(name: str, training_args, run_args: RunArguments, options: Options):
@@ -89,6 +165,7 @@ def start_run(name: str, training_args, run_args: RunArguments, options: Options
     setup_logging(training_args.should_log)  # should_log sets up accelerate's PartialState
     check_engine(training_args)
     run_dir = make_run_dir(name, training_args.output_dir, resume=bool(run_args.resume))
+    check_run_dir(run_dir, bool(run_args.resume), run_args.overwrite)
     why = "checkpoints live in the run directory"
     training_args = options.decide(
         training_args, why, override_user=True, output_dir=str(run_dir / "checkpoints")
@@ -401,6 +478,9 @@ def save_run(
         "merged": model_args.merge_lora,
         **{k: v for k, v in info.items() if k != "task"},
     }
+    # A resumed run (or one that crashed after a final save) may find model files in the folder: a full
+    # model beside a new adapter would be the one `load_run` serves. Only this run's save remains.
+    remove_outputs(run_dir, MODEL_FILES + ("adapter",))
     write_json(run_dir / RUN_FILE, run_info)
     save_model(trainer.model, tokenizer, run_dir, model_args.merge_lora, state_dict)
     write_json(run_dir / "all_results.json", results)

@@ -11,6 +11,8 @@ from pathlib import Path
 from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import PredictionOutput
 
+from ftkit.reliability import CrashSafeCheckpoints
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,8 +37,11 @@ def train_token_stats(trainer, train_runtime: float, resumed_from: str | None = 
     and to the epochs this run trained (after a resume, only those since the checkpoint).
     """
     real, total = pad_stats(trainer.get_train_dataloader())
-    start = 0.0
-    if resumed_from:
+    # The checkpoint a run resumed from can be pruned by the end of training: CrashSafeCheckpoints
+    # noted its epoch when training began.
+    noted = [c.start_epoch for c in trainer.callback_handler.callbacks if isinstance(c, CrashSafeCheckpoints)]
+    start = noted[0] if noted else 0.0
+    if resumed_from and not noted:
         start = json.loads((Path(resumed_from) / "trainer_state.json").read_text(encoding="utf-8"))["epoch"]
     tokens = real * trainer.args.world_size * (trainer.state.epoch - start)
     return {"train_real_tokens_per_second": tokens / train_runtime, "train_pad_share": 1 - real / total}

@@ -27,7 +27,7 @@ from transformers import (
     set_seed,
 )
 
-from ftkit import DataError
+from ftkit import DataError, error_exit
 from ftkit.baseline import baseline
 from ftkit.config import TRAINER_DEFAULTS, parse_args
 from ftkit.data import (
@@ -221,7 +221,7 @@ if __name__ == "__main__":
     try:
         main()
     except (DataError, NonFiniteError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(error_exit(err)) from None
     # Close a multi-process run's process group here: left to interpreter exit, gloo's threads can
     # abort a rank that did everything right ("terminate called without an active exception").
     PartialState().destroy_process_group()

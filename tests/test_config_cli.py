@@ -220,6 +220,19 @@ def test_compress_and_predict_cli_on_an_int8_run(tmp_path, tiny_model, fixtures)
     assert max(abs(a["p_food"] - b["p_food"]) for a, b in zip(q, f, strict=True)) < 0.05  # int8 stays close
 
 
+def test_cp_keeps_existing_configs_and_takes_only_recipe_names(tmp_path):
+    (tmp_path / "my_task.yaml").write_text("learning_rate: 0.5\n")  # the user's tuned config, no recipe yet
+    assert ftkit_main(["cp", "textcls", str(tmp_path / "my_task.py")]) == 2
+    assert (tmp_path / "my_task.yaml").read_text() == "learning_rate: 0.5\n"
+    assert not (tmp_path / "my_task.py").exists()
+    assert ftkit_main(["cp", "textcls", str(tmp_path / "my_task.py"), "--force"]) == 0
+    outside = tmp_path / "evil.py"
+    outside.write_text("print('not a recipe')\n")
+    for name in (str(outside.with_suffix("")), f"../../../../../..{outside.with_suffix('')}"):
+        assert ftkit_main(["cp", name, str(tmp_path / "copy.py")]) == 2
+    assert not (tmp_path / "copy.py").exists()
+
+
 def test_default_run_directory_is_timestamped_under_runs(tmp_path, monkeypatch):
     from ftkit.run import make_run_dir
 

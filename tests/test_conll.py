@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 
 import pytest
@@ -48,10 +49,14 @@ def test_iob2_with_stray_i_chunk_starts_reads_as_iob1(tmp_path):
 
 
 def test_tabs_and_whitespace_only_lines_and_docstart(tmp_path):
-    text = "-DOCSTART-\tO\n\nNew York\tB-LOC\nis\tO\n \t \nBerlin\tB-LOC\n-DOCSTART-\tO\nParis\tB-LOC\n"
+    text = "-DOCSTART-\tO\n\nYork\tB-LOC\nis\tO\n \t \nBerlin\tB-LOC\n-DOCSTART-\tO\nParis\tB-LOC\n"
     sentences = read_conll(write(tmp_path, text))
-    assert [s.tokens for s in sentences] == [["New York", "is"], ["Berlin"], ["Paris"]]
+    assert [s.tokens for s in sentences] == [["York", "is"], ["Berlin"], ["Paris"]]
     assert [s.doc_id for s in sentences] == [0, 0, 1]
+    # A word is one field of the CoNLL output (test_predictions.conll): a space inside one is refused
+    # when loading, not after training.
+    with pytest.raises(DataError, match=r"data.conll:3: token 'New York' is empty or contains whitespace"):
+        read_conll(write(tmp_path, text.replace("York", "New York")))
 
 
 def test_schemes_convert_to_the_same_iob2(tmp_path):
@@ -212,3 +217,12 @@ def test_builtin_conll2003_is_complete():
     splits, source = load_tagged_splits()
     assert {k: len(v) for k, v in splits.items()} == {"train": 14041, "validation": 3250, "test": 3453}
     assert "CoNLL-2003" in source and splits["train"][0].tags[:3] == ["B-ORG", "O", "B-MISC"]
+
+
+def test_entity_types_only_in_test_are_warned_about(tmp_path, caplog):
+    train = write(tmp_path, "Ann B-PER\nsaw O\n\nBob B-PER\n", "train.conll")
+    test = write(tmp_path, "Rome B-LOC\nand O\nAnn B-PER\n", "test.conll")
+    with caplog.at_level(logging.WARNING):
+        load_tagged_splits(train_file=str(train), validation_file=str(train), test_file=str(test))
+    assert "entity type(s) LOC occur in test but never in train" in caplog.text
+    assert "validation but never" not in caplog.text

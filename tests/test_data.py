@@ -205,3 +205,33 @@ def test_builtin_bbc_news_has_its_documented_shape():
     assert stats.duplicates_removed == 98
     assert sum(stats.rows.values()) == 2225 - 98
     assert abs(stats.rows["test"] - 0.1 * 2127) <= 1 and stats.train_test_overlap == 0
+
+
+def test_archive_extraction_is_atomic_and_a_lost_race_uses_the_winner(tmp_path, monkeypatch):
+    import os
+
+    import ftkit.data
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _news_tree(tmp_path / "tree")
+    archive = tmp_path / "news.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "tree" / "20news-bydate-train", arcname="20news-bydate-train")
+    extracted = Path(tmp_path / "home" / ".cache" / "ftkit" / "extracted")
+    extractall, rename, seen = tarfile.TarFile.extractall, os.rename, []
+
+    def other_rank_meanwhile(self, target, **kwargs):
+        seen.append(list(extracted.glob("news.tar.gz-*")))  # nothing half-extracted under the final name
+        extractall(self, target, **kwargs)
+
+    def lose_race(src, dst):
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(ftkit.data.os, "getpid", lambda: 1)  # another rank extracts and renames first
+        ftkit.data.extract_archive(archive)
+        rename(src, dst)  # fails: dst exists now
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", other_rank_meanwhile)
+    monkeypatch.setattr(os, "rename", lose_race)
+    root = ftkit.data.extract_archive(archive)
+    assert seen == [[], []] and (root / "20news-bydate-train").is_dir()
+    assert [p.name for p in extracted.iterdir()] == [root.name]  # no temp folders left

@@ -7,6 +7,7 @@ normally run the same code in-process (much cheaper than importing transformers 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,9 +31,11 @@ from ftkit import DataError
 from ftkit.metrics import exact_eval_loss
 from ftkit.reliability import (
     MARKER,
+    MARKER_TMP,
     CrashSafeCheckpoints,
     NonFiniteError,
     NonFiniteGuard,
+    incomplete_reason,
     list_checkpoints,
     mark_complete,
     prune_checkpoints,
@@ -119,10 +123,31 @@ def test_resume_skips_partial_and_damaged_checkpoints(tmp_path, caplog):
     assert "checkpoint-40: no ftkit_complete.json" in caplog.text
     assert "checkpoint-30: model.safetensors has 1 bytes, the marker says 30" in caplog.text
     assert "checkpoint-20: no ftkit_complete.json" in caplog.text
-    assert json.loads((good / MARKER).read_text()) == {
-        "step": 10,
-        "files": {"model.safetensors": 10, "trainer_state.json": 2},
-    }
+    files = json.loads((good / MARKER).read_text())["files"]
+    assert {k: v["size"] for k, v in files.items()} == {"model.safetensors": 10, "trainer_state.json": 2}
+    assert files["trainer_state.json"]["sha256"] == hashlib.sha256(b"{}").hexdigest()
+
+
+def test_a_kill_inside_the_marker_write_does_not_spoil_the_next_marker(tmp_path):
+    ckpt = fake_checkpoint(tmp_path, 10, complete=False)
+    (ckpt / MARKER_TMP).write_text('{"step": 1')  # killed halfway through writing the marker
+    mark_complete(ckpt)  # the same folder saved again after a resume
+    assert MARKER_TMP not in json.loads((ckpt / MARKER).read_text())["files"]
+    assert incomplete_reason(ckpt) is None and not (ckpt / MARKER_TMP).exists()
+
+
+def test_checksums_catch_a_changed_file_of_the_same_size(tmp_path, monkeypatch):
+    ckpt = fake_checkpoint(tmp_path, 10)
+    (ckpt / "model.safetensors").write_bytes(b"y" * 10)
+    assert "does not match its checksum" in incomplete_reason(ckpt)
+    assert incomplete_reason(ckpt, checksums=False) is None  # pruning checks sizes only
+    monkeypatch.setattr("ftkit.reliability.HASH_WHOLE", 4)  # big files: their first and last bytes
+    monkeypatch.setattr("ftkit.reliability.HASH_END", 2)
+    mark_complete(ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"yyyyyyyyyz")
+    assert "does not match its checksum" in incomplete_reason(ckpt)
+    (ckpt / MARKER).write_text(json.dumps({"step": 10, "files": {"model.safetensors": 10}}))
+    assert incomplete_reason(ckpt) is None  # a marker of sizes only (older ftkit) still reads
 
 
 def test_explicit_resume_path_must_be_complete(tmp_path):
@@ -394,7 +419,9 @@ def recipe_argv(tiny_model: str, fixtures: Path, out: Path, *extra: str) -> list
     ]  # fmt: skip
 
 
-def test_recipe_exits_with_the_step_when_training_diverges(tiny_model, fixtures, tmp_path, monkeypatch):
+def test_recipe_exits_with_the_step_when_training_diverges(
+    tiny_model, fixtures, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     argv = recipe_argv(
         tiny_model, fixtures, out, "--learning_rate", "1e9", "--load_best_model_at_end", "false"
@@ -402,8 +429,9 @@ def test_recipe_exits_with_the_step_when_training_diverges(tiny_model, fixtures,
     monkeypatch.setattr(sys, "argv", [str(RECIPE), *argv, "--save_strategy", "steps", "--save_steps", "1"])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(RECIPE), run_name="__main__")
-    message = exit_.value.code  # a string: the process prints it and exits with status 1
-    assert isinstance(message, str) and message.startswith("error: non-finite gradient norm (nan) at step ")
+    assert exit_.value.code == 3  # its own status: a diverged run, not a failure of the machine or data
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: non-finite gradient norm (nan) at step ")
     step = int(message.split("at step ")[1].split(";")[0])
     saved = list_checkpoints(out / "checkpoints")
     assert [p.name for p in saved] == [f"checkpoint-{s}" for s in range(1, step)]  # none for the bad step
@@ -421,3 +449,34 @@ def test_recipe_resume_auto_without_checkpoints_starts_fresh(tiny_model, fixture
     assert f"No checkpoint in {out / 'checkpoints'}: starting fresh" in capsys.readouterr().err
     assert results["epoch"] == 2 and (out / "model.safetensors").is_file()
     assert resolve_resume(out / "checkpoints") == str(list_checkpoints(out / "checkpoints")[-1])
+
+
+class FakeScaler:
+    """What the guard sees of torch.amp.GradScaler in an fp16 GPU run (accelerate's optimizer holds it)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def is_enabled(self) -> bool:
+        return True
+
+    def get_scale(self) -> float:
+        return self.scale
+
+
+def test_guard_lets_the_fp16_loss_scaler_skip_overflow_steps():
+    model = torch.nn.Linear(2, 1)
+    model.weight.grad = torch.full_like(model.weight, float("inf"))  # an overflowed fp16 backward
+    guard, state, control = NonFiniteGuard(), SimpleNamespace(global_step=4), SimpleNamespace()
+    for optimizer in (None, SimpleNamespace(scaler=None)):
+        with pytest.raises(NonFiniteError, match="gradient norm"):
+            guard.on_pre_optimizer_step(None, state, control, model=model, optimizer=optimizer)
+    scaled = SimpleNamespace(scaler=FakeScaler(2.0**15))
+    guard.on_pre_optimizer_step(None, state, control, model=model, optimizer=scaled)  # skipped by the scaler
+    guard.on_log(None, state, control, logs={"loss": 0.7, "grad_norm": float("inf")}, optimizer=scaled)
+    with pytest.raises(NonFiniteError, match="training loss"):
+        guard.on_log(None, state, control, logs={"loss": float("nan")}, optimizer=scaled)
+    with pytest.raises(NonFiniteError, match="loss scale fell to 0.5"):
+        guard.on_pre_optimizer_step(
+            None, state, control, model=model, optimizer=SimpleNamespace(scaler=FakeScaler(0.5))
+        )
