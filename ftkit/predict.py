@@ -31,6 +31,10 @@ def load_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    if info["task"] == "multi-task":
+        from ftkit.multitask import load_multitask
+
+        return load_multitask(run_dir, info, resolve_model_path(info.get("base_model"))), tokenizer, info
     model_cls = MODEL_CLASSES[info["task"]]
     if (run_dir / "model.safetensors").is_file():
         model = model_cls.from_pretrained(run_dir, use_safetensors=True)
