@@ -305,12 +305,13 @@ def predict_head_logits(
     stride: int,
     batch_size: int = 32,
     case_feature: bool = False,
+    groups: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, list[np.ndarray]]:
     """{head: logits (words x labels) of every word of every word list}, from one encoder pass per
-    batch of length-sorted windows (as `ftkit.ner.predict_word_logits`)."""
+    batch of length-sorted windows (as `ftkit.ner.predict_word_logits`, `groups` the same)."""
     features = encode_pieces(
         word_pieces(tokenizer, word_lists),
-        [[i] for i in range(len(word_lists))],
+        groups if groups is not None else [[i] for i in range(len(word_lists))],
         special_tokens_template(tokenizer),
         max_length,
         stride,
@@ -327,7 +328,9 @@ def predict_head_logits(
             out = model(**inputs)
             for h in heads:
                 rows[h] += list(out[f"logits_{h}"].float().cpu().numpy())
-    return {h: [np.stack(v) for v in merge_windows(features, rows[h])] for h in heads}
+    return {
+        h: [np.stack(v) if v else np.zeros((0, 0)) for v in merge_windows(features, rows[h])] for h in heads
+    }
 
 
 def predict_multitask(

@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     heads = head_labels(splits, columns)  # from every split: a tag missing from train is still scored
     schemes = {h: PLAIN if s == PLAIN else "IOB2" for h, (_, s) in columns.items()}
     key_metric = {h: f"{h}_accuracy" if schemes[h] == PLAIN else f"{h}_f1" for h in heads}
+    methods = {h: "argmax" if schemes[h] == PLAIN else data_args.decode for h in heads}
     rows = {split: len(sentences) for split, sentences in splits.items()}
     logger.info("data: %s; sentences %s; heads %s", data_source, rows, {h: len(v) for h, v in heads.items()})
 
@@ -184,7 +185,6 @@ def main(argv: list[str] | None = None) -> dict:
     if peft_config and case_feature:  # the new token types train (and are saved) with the adapter
         peft_config.modules_to_save.append("token_type_embeddings")
     model = add_lora(model, peft_config)
-    callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
 
     def word_tags(split, pred, h, method) -> list[list[str]]:
         """Head h's tag per word of every sentence of `split`: windows merged back, then decoded."""
@@ -200,9 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
         split = split_of({s: head_view(f, 0) for s, f in features.items()}, pred.label_ids[..., 0])
         metrics, losses = {}, []
         for h, head in enumerate(heads):
-            method = data_args.decode if schemes[head] != PLAIN else "argmax"
             gold = [s.layers[head] for s in splits[split]]
-            scores = head_metrics(gold, word_tags(split, pred, h, method), schemes[head])
+            scores = head_metrics(gold, word_tags(split, pred, h, methods[head]), schemes[head])
             # Per-head loss: mean cross-entropy over the words, each row once (see exact_eval_loss).
             scores["loss"] = exact_eval_loss(pred.predictions[h], pred.label_ids[..., h])
             losses.append(weights[head] * scores["loss"])
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         data_collator=collate(tokenizer),
         compute_metrics=compute_metrics,
-        callbacks=callbacks,
+        callbacks=[CrashSafeCheckpoints(), NonFiniteGuard()],  # complete checkpoints; stop on NaN/Inf
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
@@ -231,9 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = trainer.predict(ds["test"], metric_key_prefix="test")
     results.update(test.metrics)
     results.update({f"{split}_windowed_sentences": f.n_long for split, f in features.items()})
-    results.update(
-        {"data_source": data_source, **{f"data_{s}_sentences": n for s, n in rows.items()}, **speed}
-    )
+    results.update({"data_source": data_source, **{f"data_{s}_sentences": n for s, n in rows.items()}, **speed})  # fmt: skip
 
     # ---- Save the run directory (main process only) ---------------------------------------------
     info = {
@@ -241,10 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "context": data_args.context, "decode": data_args.decode, "case_feature": case_feature,
         "heads": heads, "head_schemes": schemes, "loss_weights": weights,
     }  # fmt: skip
-    pred = {
-        head: word_tags("test", test, h, data_args.decode if schemes[head] != PLAIN else "argmax")
-        for h, head in enumerate(heads)
-    }
+    pred = {head: word_tags("test", test, h, methods[head]) for h, head in enumerate(heads)}
     iob = [h for h in heads if schemes[h] != PLAIN]
     save_run(
         run_dir, trainer, tokenizer, options=options,
