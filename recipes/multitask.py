@@ -79,7 +79,6 @@ class DataSource:
     holdout_fraction: float = field(
         default=0.1, metadata={"help": "Share of train documents held out for a missing split."}
     )
-    max_train_sentences: int | None = field(default=None, metadata={"help": "Use only the first N training sentences."})  # fmt: skip
 
 
 @dataclass
@@ -145,8 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_name=source.dataset_name, train_file=source.train_file, validation_file=source.validation_file,
         test_file=source.test_file, holdout_fraction=source.holdout_fraction, seed=training_args.seed, columns=columns,
     )  # fmt: skip
-    if source.max_train_sentences:
-        splits["train"] = splits["train"][: source.max_train_sentences]
     heads = head_labels(splits, columns)  # from every split: a tag missing from train is still scored
     schemes = {h: PLAIN if s == PLAIN else "IOB2" for h, (_, s) in columns.items()}
     key_metric = {h: f"{h}_accuracy" if schemes[h] == PLAIN else f"{h}_f1" for h in heads}
