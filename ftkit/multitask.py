@@ -13,7 +13,6 @@ recipe's shape does not depend on how many heads there are or of which kind.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ from ftkit.text import pad_batch, special_tokens_template
 logger = logging.getLogger(__name__)
 
 TASK = "multi-task"
-HEADS_FILE = "heads.json"
 
 
 @dataclass
@@ -218,8 +216,8 @@ class MultiTaskTagger(nn.Module):
         return out
 
     def save_pretrained(self, out_dir: str | Path, safe_serialization: bool = True) -> None:
-        """config.json (the encoder's), model.safetensors (encoder.* and heads.*), heads.json (label lists
-        and loss weights): what `load_multitask` reads back. Safetensors only."""
+        """config.json (the encoder's) and model.safetensors (encoder.* and heads.*); the heads' label
+        lists are in the run's ftkit_run.json, which `load_multitask` reads with them."""
         from safetensors.torch import save_file
 
         if not safe_serialization:
@@ -229,8 +227,6 @@ class MultiTaskTagger(nn.Module):
         self.config.save_pretrained(out_dir)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-        heads = {"labels": self.labels, "loss_weights": self.loss_weights}
-        (out_dir / HEADS_FILE).write_text(json.dumps(heads, indent=2) + "\n", encoding="utf-8")
 
 
 def _without_pooler(encoder: nn.Module) -> nn.Module:
