@@ -2,6 +2,10 @@
 
     python bench/multitask_cost.py --multi runs/multitask/<run> --single runs/ner/<run> runs/multitask/<pos run> \
         runs/multitask/<chunk run> --texts 500
+    python bench/multitask_cost.py --multi runs/multitask/<run>    # single-task models cut from the run itself
+
+Without `--single`, each head with a copy of the shared encoder is saved as its own one-head run: the
+same architecture as a single-task model (the weights do not change the cost).
 
 Texts are the first N CoNLL-2003 test sentences as plain text (words joined by spaces), predicted the
 way `ftkit predict` does (`predict_entities` for NER runs, `predict_multitask` for multi-task runs),
@@ -46,18 +50,44 @@ def cost(run_dir: str, texts: list[str], repeats: int) -> dict:
     }
 
 
+def one_head_runs(run_dir: str) -> list[str]:
+    """One run directory per head of a multi-task run: the shared encoder (copied) with that head only."""
+    import copy
+    import shutil
+    import tempfile
+
+    from ftkit.multitask import MultiTaskTagger
+
+    model, tokenizer, info = load_run(run_dir)
+    out = []
+    for head in info["heads"]:
+        single = MultiTaskTagger(copy.deepcopy(model.encoder), {head: info["heads"][head]})
+        single.heads.linears[head].load_state_dict(model.heads.linears[head].state_dict())
+        path = Path(tempfile.mkdtemp(prefix=f"one-head-{head}-"))
+        single.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        shutil.copy(Path(run_dir) / "ftkit_run.json", path / "ftkit_run.json")
+        run = json.loads((path / "ftkit_run.json").read_text())
+        run["heads"] = {head: info["heads"][head]}
+        (path / "ftkit_run.json").write_text(json.dumps(run))
+        out.append(str(path))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--multi", required=True, help="the multi-task run directory")
-    parser.add_argument("--single", nargs="+", required=True, help="the single-task run directories")
+    parser.add_argument(
+        "--single", nargs="*", help="the single-task run directories (default: cut from --multi)"
+    )
     parser.add_argument("--texts", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     texts = [" ".join(s.tokens) for s in load_conll2003()["test"][: args.texts]]
     multi = cost(args.multi, texts, args.repeats)
-    singles = [cost(r, texts, args.repeats) for r in args.single]
+    singles = [cost(r, texts, args.repeats) for r in args.single or one_head_runs(args.multi)]
     single_seconds = sum(s["seconds"] for s in singles)
     out = {
         "cpu": platform.processor() or platform.machine(),
