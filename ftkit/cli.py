@@ -43,6 +43,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
         from ftkit.ner import predict_entities  # the NER recipe's prediction path
 
         rows = predict_entities(model, tokenizer, texts, origins, info, batch_size=args.batch_size)
+    elif info["task"] == "multi-task":
+        from ftkit.multitask import predict_multitask  # every head from one encoder pass
+
+        rows = predict_multitask(model, tokenizer, texts, origins, info, batch_size=args.batch_size)
     else:
         scores = predict_texts(model, tokenizer, texts, info, batch_size=args.batch_size)
         rows = prediction_rows(origins, texts, scores, info)

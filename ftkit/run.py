@@ -427,7 +427,7 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
 def usage(run_dir: Path, info: dict[str, Any]) -> str:
     """How to use a run, for its model card."""
     text = f"ftkit predict {run_dir} --input texts.txt"
-    if info["task"] == "token-classification":
+    if info["task"] in ("token-classification", "multi-task"):
         if info.get("case_feature"):
             text += (
                 "\n# It passes each word's shape as token_type_ids (ftkit.ner.word_shape), as in training;"
