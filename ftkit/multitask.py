@@ -241,7 +241,7 @@ def load_multitask(run_dir: str | Path, info: dict, base_path: str) -> nn.Module
     """A multi-task run's model in eval mode: model.safetensors (full or merged runs), else the base
     encoder at `base_path` + the run's adapter (which carries the trained heads and case types)."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     from ftkit.ner import add_case_types
 
