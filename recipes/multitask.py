@@ -28,7 +28,7 @@ import numpy as np
 from accelerate import PartialState
 from transformers import Trainer, TrainingArguments, set_seed
 
-from ftkit import DataError
+from ftkit import DataError, error_exit
 from ftkit.config import TRAINER_DEFAULTS, parse_args
 from ftkit.conll import PLAIN, Sentence, load_tagged_splits, tagged_fingerprint
 from ftkit.metrics import exact_eval_loss
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     # The new head is drawn from the global RNG; Trainer seeds only after the model exists.
     set_seed(training_args.seed)
     model = load_model(model_path, TASK, label2id, model_args.trust_remote_code)
-    speed = speed_up(model, speed_args)  # CPU speed options (recipes/README.md, "Speed on a CPU")
+    # CPU speed options and the precision, by measurement (recipes/README.md, "Speed on a CPU")
+    speed, training_args = speed_up(model, speed_args, training_args, options)
     # [end shared]
     model.loss_weights = weights = dict(zip(head_args.heads, head_args.loss_weights, strict=True))
     case_feature = use_case_feature(data_args.case_feature, tokenizer, model.encoder)
@@ -266,7 +267,7 @@ if __name__ == "__main__":
     try:
         main()
     except (DataError, NonFiniteError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(error_exit(err)) from None
     # Close a multi-process run's process group here: left to interpreter exit, gloo's threads can
     # abort a rank that did everything right ("terminate called without an active exception").
     PartialState().destroy_process_group()
