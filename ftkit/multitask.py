@@ -215,9 +215,12 @@ class MultiTaskTagger(nn.Module):
             out = {"loss": total, **out}
         return out
 
-    def save_pretrained(self, out_dir: str | Path, safe_serialization: bool = True) -> None:
+    def save_pretrained(
+        self, out_dir: str | Path, safe_serialization: bool = True, state_dict: dict | None = None
+    ) -> None:
         """config.json (the encoder's) and model.safetensors (encoder.* and heads.*); the heads' label
-        lists are in the run's ftkit_run.json, which `load_multitask` reads with them."""
+        lists are in the run's ftkit_run.json, which `load_multitask` reads with them. `state_dict`:
+        the full weights when the model's own are sharded (FSDP, see `ftkit.models.save_model`)."""
         from safetensors.torch import save_file
 
         if not safe_serialization:
@@ -225,7 +228,8 @@ class MultiTaskTagger(nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(out_dir)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        weights = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous() for k, v in weights.items()}
         save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
 
 

@@ -79,6 +79,7 @@ class DataSource:
     holdout_fraction: float = field(
         default=0.1, metadata={"help": "Share of train documents held out for a missing split."}
     )
+    split_seed: int = field(default=42, metadata={"help": "Seed of the held-out split (not of training)."})
 
 
 @dataclass
