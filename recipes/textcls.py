@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from ftkit import DataError
+from ftkit.augment import AugmentArguments, augment_texts
 from ftkit.config import TRAINER_DEFAULTS, parse_args
 from ftkit.data import TextSource, check_labels, fingerprint, label_maps, load_text_splits, to_datasets
 from ftkit.metrics import classification_scores, confusion, exact_eval_loss, per_class_report, softmax
@@ -83,12 +84,13 @@ DEFAULTS = {
     "logging_steps": 20,
 }
 
-ARGUMENTS = (TextSource, DataArguments, ModelArguments, SpeedArguments, RunArguments, TrainingArguments)
+ARGUMENTS = (TextSource, DataArguments, AugmentArguments, ModelArguments, SpeedArguments, RunArguments,
+             TrainingArguments)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, options = parse_args(ARGUMENTS, argv, defaults=DEFAULTS, description=__doc__)
-    source, data_args, model_args, speed_args, run_args, training_args = args
+    source, data_args, aug_args, model_args, speed_args, run_args, training_args = args
     # [shared: start]
     run_dir, training_args = start_run(NAME, training_args, run_args, options)
     model_path = resolve_model_path(model_args.model_name_or_path)
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     label2id, _ = label_maps([r["label"] for r in splits["train"]])
     added_labels = check_labels(splits, label2id, data_args.add_unseen_labels)
     names = list(label2id)
+    splits["train"], augmented = augment_texts(splits["train"], aug_args, training_args.seed)  # train only
     logger.info("data: %s; %d classes; rows %s", stats.source, len(names), stats.rows)
 
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = predict_in_row_order(trainer, ds["test"], metric_key_prefix="test")
     results.update(test.metrics)
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
-    results.update({**stats.as_results(), "added_labels": added_labels, **speed})
+    results.update({**stats.as_results(), "added_labels": added_labels, **speed, **augmented})
 
     # ---- Save the run directory (main process only) ---------------------------------------------
     info = {
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     preds, gold, test_rows = probs.argmax(-1), test.label_ids, splits["test"]
     save_run(
         run_dir, trainer, tokenizer, options=options,
-        args=(source, data_args, model_args, speed_args, run_args, training_args),
+        args=(source, data_args, aug_args, model_args, speed_args, run_args, training_args),
         info=info, results=results,
         predictions=prediction_rows(
             [r["origin"] for r in test_rows], [r["text"] for r in test_rows], probs, info, [names[g] for g in gold]
