@@ -130,15 +130,15 @@ def synonym_replacement(
         pre, core, post = m.groups()
         options = synonyms[core.lower()]
         new = options[rng.integers(len(options))]
-        new = (
-            new.upper()
-            if core.isupper() and len(core) > 1
-            else new.capitalize()
-            if core[0].isupper()
-            else new
-        )
-        words[i] = pre + new + post
+        words[i] = pre + _same_case(new, core) + post
     return words
+
+
+def _same_case(word: str, like: str) -> str:
+    """`word` in the case of `like`: ALL CAPS, Capitalized or as it is."""
+    if like.isupper() and len(like) > 1:
+        return word.upper()
+    return word.capitalize() if like[0].isupper() else word
 
 
 def training_vocabulary(texts: Sequence[str], min_count: int = 2) -> list[str]:
