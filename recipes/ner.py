@@ -29,6 +29,7 @@ from accelerate import PartialState
 from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments, set_seed
 
 from ftkit import DataError, error_exit
+from ftkit.augment import AugmentArguments, augment_sentences
 from ftkit.baseline import baseline
 from ftkit.config import TRAINER_DEFAULTS, parse_args
 from ftkit.conll import TaggedSource, load_tagged_splits, tagged_fingerprint, write_conll
@@ -112,12 +113,13 @@ DEFAULTS = {
     "logging_steps": 20,
 }
 
-ARGUMENTS = (TaggedSource, DataArguments, ModelArguments, SpeedArguments, RunArguments, TrainingArguments)
+ARGUMENTS = (TaggedSource, DataArguments, AugmentArguments, ModelArguments, SpeedArguments, RunArguments,
+             TrainingArguments)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, options = parse_args(ARGUMENTS, argv, defaults=DEFAULTS, description=__doc__)
-    source, data_args, model_args, speed_args, run_args, training_args = args
+    source, data_args, aug_args, model_args, speed_args, run_args, training_args = args
     # [shared: start]
     run_dir, training_args = start_run(NAME, training_args, run_args, options)
     model_path = resolve_model_path(model_args.model_name_or_path)
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     label2id = {name: i for i, name in enumerate(names)}
     rows = {split: len(sentences) for split, sentences in splits.items()}
     logger.info("data: %s; sentences %s; labels %s", data_source, rows, names)
+    # Training sentences only; the counts above stay those of the data as loaded.
+    splits["train"], augmented = augment_sentences(splits["train"], aug_args, training_args.seed)
 
     # ---- Tokenizer, model (+ case types), windows of sub-tokens ----------------------------------
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = trainer.predict(ds["test"], metric_key_prefix="test")
     results.update(test.metrics)
     results |= baseline(splits, TASK, results)  # each word's most frequent training tag
-    results.update({f"{split}_windowed_sentences": f.n_long for split, f in features.items()})
+    results.update({f"{split}_windowed_sentences": f.n_long for split, f in features.items()} | augmented)
     results.update(
         {"data_source": data_source, **{f"data_{s}_sentences": n for s, n in rows.items()}, **speed}
     )
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     gold = [s.tags for s in splits["test"]]
     save_run(
         run_dir, trainer, tokenizer, options=options,
-        args=(source, data_args, model_args, speed_args, run_args, training_args),
+        args=(source, data_args, aug_args, model_args, speed_args, run_args, training_args),
         info=info, results=results,
         predictions=[
             {"origin": s.origin, "tokens": s.tokens, "gold": s.tags, "pred": p}

@@ -23,14 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from accelerate import PartialState
-from transformers import (
-    DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from ftkit import DataError, error_exit
+from ftkit.augment import AugmentArguments, augment_texts
 from ftkit.baseline import baseline
 from ftkit.config import TRAINER_DEFAULTS, parse_args
 from ftkit.data import (
@@ -144,12 +140,13 @@ def sentiment_scores(labels: np.ndarray, probs: np.ndarray, num_labels: int) -> 
     }
 
 
-ARGUMENTS = (TextSource, DataArguments, ModelArguments, SpeedArguments, RunArguments, TrainingArguments)
+ARGUMENTS = (TextSource, DataArguments, AugmentArguments, ModelArguments, SpeedArguments, RunArguments,
+             TrainingArguments)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, options = parse_args(ARGUMENTS, argv, defaults=DEFAULTS, description=__doc__)
-    source, data_args, model_args, speed_args, run_args, training_args = args
+    source, data_args, aug_args, model_args, speed_args, run_args, training_args = args
     # [shared: start]
     run_dir, training_args = start_run(NAME, training_args, run_args, options)
     model_path = resolve_model_path(model_args.model_name_or_path)
@@ -162,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     label2id, _ = label_maps([r["label"] for r in splits["train"]])
     added_labels = check_labels(splits, label2id, data_args.add_unseen_labels)
     names = list(label2id)
+    splits["train"], augmented = augment_texts(splits["train"], aug_args, training_args.seed)  # train only
     target = {split: [label2id[label_key(r["label"])] for r in rows] for split, rows in splits.items()}
     logger.info("data: %s; %d classes; rows %s", stats.source, len(names), stats.rows)
 
@@ -246,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
     if data_args.long_text == "chunks":
         results.update({f"{split}_chunk_rows": len(ds[split]) for split in ds})
-    results.update({**stats.as_results(), "added_labels": added_labels, **speed})
+    results.update({**stats.as_results(), "added_labels": added_labels, **speed, **augmented})
     if weights:
         results["class_weights"] = dict(zip(names, weights, strict=True))
 
@@ -262,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     preds = probs.argmax(-1)
     save_run(
         run_dir, trainer, tokenizer, options=options,
-        args=(source, data_args, model_args, speed_args, run_args, training_args),
+        args=(source, data_args, aug_args, model_args, speed_args, run_args, training_args),
         info=info, results=results,
         predictions=prediction_rows(
             [r["origin"] for r in test_rows], [r["text"] for r in test_rows], probs, info, [names[g] for g in gold]

@@ -22,9 +22,9 @@ import textcls  # noqa: E402
 
 
 def parse(argv, recipe=textcls):
-    (_source, data, model, _speed, _run, train), _options = parse_args(
-        recipe.ARGUMENTS, argv, defaults=recipe.DEFAULTS
-    )
+    args, _options = parse_args(recipe.ARGUMENTS, argv, defaults=recipe.DEFAULTS)
+    _source, data, *_, train = args  # by position: the recipe's own dataclasses sit between
+    model = next(a for a in args if hasattr(a, "merge_lora"))
     return data, model, train
 
 
