@@ -120,9 +120,19 @@ class EarlyStopping(EarlyStoppingCallback):
     """`EarlyStoppingCallback` that never stops before `min_steps` optimizer steps: the first epochs of
     a small or hard set often score alike (NER: F1 0 for several epochs), which is no reason to stop."""
 
-    def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float | None = 0.0):
+    def __init__(
+        self,
+        early_stopping_patience: int = 1,
+        early_stopping_threshold: float | None = 0.0,
+        min_steps: int = MIN_STEPS,
+    ):
         super().__init__(early_stopping_patience, early_stopping_threshold)
-        self.min_steps = MIN_STEPS
+        self.min_steps = min_steps
+
+    def state(self) -> dict:
+        state = super().state()  # what a resumed run restores (restore_callback_states_from_checkpoint)
+        state["args"]["min_steps"] = self.min_steps
+        return state
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
         stopping = control.should_training_stop  # set by someone else: left alone
@@ -130,3 +140,10 @@ class EarlyStopping(EarlyStoppingCallback):
         if state.global_step < self.min_steps:
             self.early_stopping_patience_counter = 0
             control.should_training_stop = stopping
+
+
+def early_stopping(patience: int, options) -> EarlyStopping:
+    """The recipes' early stopping: it waits for MIN_STEPS optimizer steps when ftkit chose the training
+    length (`decide_training`), and behaves as Trainer's own when the user set num_train_epochs or max_steps."""
+    user_length = options.user_set("num_train_epochs") or options.user_set("max_steps")
+    return EarlyStopping(patience, min_steps=0 if user_length else MIN_STEPS)

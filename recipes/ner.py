@@ -50,7 +50,7 @@ from ftkit.ner import (
 from ftkit.reliability import CrashSafeCheckpoints, NonFiniteError, NonFiniteGuard, resume_checkpoint
 from ftkit.run import RunArguments, save_run, start_run
 from ftkit.speed import SpeedArguments, speed_up
-from ftkit.training import EarlyStopping, decide_training, train_token_stats
+from ftkit.training import decide_training, early_stopping, train_token_stats
 
 NAME, TASK = "ner", "token-classification"
 logger = logging.getLogger(NAME)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
     callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
     if training_args.load_best_model_at_end:  # early stopping needs per-epoch eval and best-model tracking
-        callbacks.append(EarlyStopping(data_args.early_stopping_patience))
+        callbacks.append(early_stopping(data_args.early_stopping_patience, options))
     # [end shared]
 
     def word_tags(split, pred, method) -> list[list[str]]:

@@ -55,7 +55,7 @@ from ftkit.reliability import CrashSafeCheckpoints, NonFiniteError, NonFiniteGua
 from ftkit.run import RunArguments, save_run, start_run
 from ftkit.speed import SpeedArguments, speed_up
 from ftkit.text import count_truncated, decide_long_text, encode_texts, pool_chunks
-from ftkit.training import EarlyStopping, decide_training, predict_in_row_order, train_token_stats
+from ftkit.training import decide_training, early_stopping, predict_in_row_order, train_token_stats
 
 NAME, TASK = "sentiment", "text-classification"
 logger = logging.getLogger(NAME)
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Checkpoints count only once complete; a NaN/Inf loss or gradient stops the run (NonFiniteError).
     callbacks = [CrashSafeCheckpoints(), NonFiniteGuard()]
     if training_args.load_best_model_at_end:  # early stopping needs per-epoch eval and best-model tracking
-        callbacks.append(EarlyStopping(data_args.early_stopping_patience))
+        callbacks.append(early_stopping(data_args.early_stopping_patience, options))
     # [end shared]
 
     def compute_metrics(pred):

@@ -10,7 +10,8 @@ import pytest
 from transformers import TrainerControl
 
 from ftkit.config import parse_args
-from ftkit.training import MIN_STEPS, EarlyStopping, decide_training, training_epochs
+from ftkit.models import ModelArguments
+from ftkit.training import MIN_STEPS, EarlyStopping, decide_training, early_stopping, training_epochs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -19,10 +20,9 @@ import textcls  # noqa: E402
 
 
 def parsed(argv, recipe=textcls):
-    (_source, _data, model, _speed, _run, train), options = parse_args(
-        recipe.ARGUMENTS, argv, defaults=recipe.DEFAULTS
-    )
-    return model, train, options
+    args, options = parse_args(recipe.ARGUMENTS, argv, defaults=recipe.DEFAULTS)
+    model = next(a for a in args if isinstance(a, ModelArguments))
+    return model, args[-1], options
 
 
 def test_a_tiny_training_set_gets_the_step_minimum():
@@ -58,6 +58,13 @@ def test_ner_evaluates_keeps_the_best_model_and_saves_checkpoints_by_default():
     _, train, _ = parsed([], recipe=ner)
     assert train.eval_strategy == "epoch" and train.save_strategy == "epoch"
     assert train.load_best_model_at_end and train.metric_for_best_model == "f1"
+
+
+def test_early_stopping_waits_only_when_ftkit_chose_the_length():
+    assert early_stopping(2, parsed([])[2]).min_steps == MIN_STEPS
+    assert early_stopping(2, parsed(["--num_train_epochs", "4"])[2]).min_steps == 0
+    restored = EarlyStopping(**EarlyStopping(2, min_steps=7).state()["args"])  # as a resumed run rebuilds it
+    assert restored.min_steps == 7 and restored.early_stopping_patience == 2
 
 
 @pytest.mark.parametrize("step, stops", [(MIN_STEPS - 1, False), (MIN_STEPS, True)])
