@@ -204,6 +204,7 @@ def test_ftkit_predict_cli_writes_entities(full_run, tmp_path):
     assert all(r["text"][e["start"] : e["end"]] == e["text"] for r in rows for e in r["entities"])
 
 
+@pytest.mark.slow  # multi-process or kill/resume run: make test-slow keeps make test under 5 minutes
 def test_two_processes_train_one_model_and_eval_sees_every_word_once(tiny_model, tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate CLI not installed"

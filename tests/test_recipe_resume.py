@@ -92,6 +92,7 @@ def kill_and_resume(
     assert f"Resuming from {out / 'checkpoints' / f'checkpoint-{resumes_from}'}" in resumed.stderr
 
 
+@pytest.mark.slow  # multi-process or kill/resume run: make test-slow keeps make test under 5 minutes
 def test_killed_inside_the_marker_write_then_resumed_equals_the_uninterrupted_run(
     reference, tiny_model, tmp_path
 ):

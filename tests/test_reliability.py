@@ -353,6 +353,7 @@ def test_checkpoint_folders_never_exceed_limit_plus_one(tiny_model, tmp_path, li
 # ---- two ranks (gloo on CPU) -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # multi-process or kill/resume run: make test-slow keeps make test under 5 minutes
 def test_two_rank_evaluation_sees_every_sample_once(tiny_model, tmp_path):
     sizes = ["7", "40", "101"]
     evaluate_sizes(tiny_model, tmp_path / "one", [int(n) for n in sizes])

@@ -157,6 +157,7 @@ def test_lora_trains_adapter_and_head_only_and_reloads_identically(tiny_model, f
     np.testing.assert_allclose(probs, [[p[f"p_{n}"] for n in info["labels"]] for p in preds], atol=2e-5)
 
 
+@pytest.mark.slow  # multi-process or kill/resume run: make test-slow keeps make test under 5 minutes
 def test_two_process_cpu_launch_runs_two_ranks_and_predicts_each_test_row_once(
     tiny_model, fixtures, tmp_path
 ):
