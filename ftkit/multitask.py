@@ -33,6 +33,7 @@ from ftkit.ner import (
     group_sentences,
     label_list,
     merge_windows,
+    prediction_windows,
     split_words,
     word_pieces,
     word_shape,
@@ -311,14 +312,7 @@ def predict_head_logits(
 ) -> dict[str, list[np.ndarray]]:
     """{head: logits (words x labels) of every word of every word list}, from one encoder pass per
     batch of length-sorted windows (as `ftkit.ner.predict_word_logits`, `groups` the same)."""
-    features = encode_pieces(
-        word_pieces(tokenizer, word_lists),
-        groups if groups is not None else [[i] for i in range(len(word_lists))],
-        special_tokens_template(tokenizer),
-        max_length,
-        stride,
-        shapes=[[word_shape(w) for w in words] for words in word_lists] if case_feature else None,
-    ).sorted_by_length()
+    features = prediction_windows(tokenizer, word_lists, max_length, stride, groups, case_feature)
     keys = ["input_ids", "token_type_ids"] if case_feature else ["input_ids"]
     rows: dict[str, list] = {h: [] for h in heads}
     model.eval()

@@ -467,6 +467,26 @@ def split_words(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
 
 
+def prediction_windows(
+    tokenizer,
+    word_lists: Sequence[Sequence[str]],
+    max_length: int,
+    stride: int,
+    groups: Sequence[Sequence[int]] | None = None,
+    case_feature: bool = False,
+) -> Features:
+    """Model rows for unlabelled word lists, length-sorted: windows as in training (`encode_pieces`),
+    `groups` of word lists sharing windows (default: one each), word shapes as token types if asked."""
+    return encode_pieces(
+        word_pieces(tokenizer, word_lists),
+        groups if groups is not None else [[i] for i in range(len(word_lists))],
+        special_tokens_template(tokenizer),
+        max_length,
+        stride,
+        shapes=[[word_shape(w) for w in words] for words in word_lists] if case_feature else None,
+    ).sorted_by_length()
+
+
 def predict_word_logits(
     model,
     tokenizer,
@@ -484,14 +504,7 @@ def predict_word_logits(
     """
     import torch
 
-    features = encode_pieces(
-        word_pieces(tokenizer, word_lists),
-        groups if groups is not None else [[i] for i in range(len(word_lists))],
-        special_tokens_template(tokenizer),
-        max_length,
-        stride,
-        shapes=[[word_shape(w) for w in words] for words in word_lists] if case_feature else None,
-    ).sorted_by_length()
+    features = prediction_windows(tokenizer, word_lists, max_length, stride, groups, case_feature)
     keys = ["input_ids", "token_type_ids"] if case_feature else ["input_ids"]
     device = getattr(model, "device", "cpu")  # ONNX Runtime sessions take CPU tensors
     row_logits = []
