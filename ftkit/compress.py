@@ -38,6 +38,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from ftkit import DataError
+from ftkit.hardware import has_vnni
 from ftkit.models import MODEL_CLASSES
 from ftkit.predict import load_run, run_config, run_tokenizer
 from ftkit.run import RUN_FILE, package_versions, read_run_info
@@ -442,15 +443,6 @@ def export_onnx_graph(model, path: Path, example: dict, attention: str = "eager"
     proto = onnx.load(str(path))
     del proto.graph.value_info[:]
     onnx.save(proto, str(path))
-
-
-def has_vnni() -> bool:
-    """True if the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_vnni", " avx_vnni", " amx_int8"))
 
 
 def quantize_onnx(src: str | Path, dst: str | Path, reduce_range: bool | None = None) -> Path:

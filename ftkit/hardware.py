@@ -43,6 +43,11 @@ def cpu_info() -> dict:
     return {"cpu": model, "cores": os.cpu_count(), "cpu_flags": relevant}
 
 
+def has_vnni() -> bool:
+    """True if the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def native_bf16(device: str = "cpu") -> str | None:
     """Why `device` runs bf16 natively (`amx_bf16`, `avx512_bf16`, `cuda`), or None where bf16 would be
     emulated in fp32 instructions (AVX2-only and plain AVX-512 CPUs: slower than fp32)."""
