@@ -121,13 +121,13 @@ def build(task: str, size: int) -> dict[str, Path]:
         return files
     folder.mkdir(parents=True, exist_ok=True)
     if task == "ner":
-        splits, _ = load_tagged_splits(dataset_name="conll2003", seed=42)
+        splits, _ = load_tagged_splits(dataset_name="conll2003", split_seed=42)
         parts = {"train": document_subset(splits["train"], size), "validation": first_sentences(
             splits["validation"], VALID_SENTENCES), "test": first_sentences(splits["test"], TEST_SENTENCES)}  # fmt: skip
         for split, sentences in parts.items():
             write_conll(files[split], sentences)
     else:
-        splits, _ = load_text_splits(dataset_name=CASES[task]["dataset"], seed=42)
+        splits, _ = load_text_splits(dataset_name=CASES[task]["dataset"], split_seed=42)
         parts = {
             "train": stratified_subset(splits["train"], size),
             **{s: splits[s] for s in ("validation", "test")},
