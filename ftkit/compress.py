@@ -91,7 +91,10 @@ def load_torch_model(run_dir: str | Path) -> PreTrainedModel:
         raise DataError(f"{run_dir} holds an ONNX model; open it with load_compressed()")
     if record.get("layers"):
         # Pruned layers have shapes config.json cannot express: build the full model, shrink it, load.
-        model = MODEL_CLASSES[read_run_info(run_dir)["task"]].from_config(run_config(run_dir))
+        task = read_run_info(run_dir)["task"]
+        if task not in MODEL_CLASSES:
+            raise DataError(f"{run_dir / RUN_FILE}: pruned layers of a {task!r} run cannot be loaded")
+        model = MODEL_CLASSES[task].from_config(run_config(run_dir))
         for layer, shape in zip(_layers(model), record["layers"], strict=True):
             _shrink_layer(layer, shape["heads"], shape["intermediate"])
         model.load_state_dict(load_file(_model_file(run_dir, record)), strict=True)

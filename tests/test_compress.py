@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
-from ftkit import compress
+from ftkit import DataError, compress
 
 LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 
@@ -216,6 +216,10 @@ def test_pruned_model_has_fewer_heads_runs_and_reloads(cls_run, tmp_path, texts)
     assert logits.shape == (len(texts), model.config.num_labels) and np.isfinite(logits).all()
     with pytest.raises(RuntimeError, match="mismatched"):  # pruned shapes never load silently as full
         AutoModelForSequenceClassification.from_pretrained(out)
+    info = json.loads((out / "ftkit_run.json").read_text())
+    (out / "ftkit_run.json").write_text(json.dumps({**info, "task": "summarization"}))
+    with pytest.raises(DataError, match=r"ftkit_run.json: pruned layers of a 'summarization' run"):
+        compress.load_compressed(out)  # a clear refusal, not a KeyError
 
 
 def test_recovery_that_moves_away_from_the_teacher_is_dropped(cls_run, tmp_path, texts, monkeypatch):
