@@ -108,7 +108,8 @@ def load_torch_model(run_dir: str | Path) -> PreTrainedModel:
 @dataclass
 class OnnxModel:
     """An ONNX Runtime session with the call shape of a transformers model: `model(input_ids=..,
-    attention_mask=..).logits` is a torch tensor, and `config` holds the labels."""
+    attention_mask=..).logits` is a torch tensor, and `config` holds the labels. A multi-task graph
+    answers with every head's `logits_<head>` instead, as `MultiTaskTagger` does."""
 
     session: object  # onnxruntime.InferenceSession
     config: PretrainedConfig
@@ -119,7 +120,9 @@ class OnnxModel:
         if any(i.name == "token_type_ids" for i in self.session.get_inputs()):  # NER runs with case types
             types = np.zeros_like(feed["input_ids"]) if token_type_ids is None else token_type_ids
             feed["token_type_ids"] = np.asarray(types, dtype=np.int64)
-        return ModelOutput(logits=torch.from_numpy(self.session.run(None, feed)[0]))
+        names = [o.name for o in self.session.get_outputs()]
+        outputs = self.session.run(None, feed)
+        return ModelOutput(**{n: torch.from_numpy(v) for n, v in zip(names, outputs, strict=True)})
 
     def eval(self) -> OnnxModel:
         return self
@@ -413,16 +416,29 @@ def recover(model, teacher, batches: Sequence[dict], steps: int, lr: float = 1e-
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _output_names(model) -> list[str]:
+    """`logits`, or one `logits_<head>` per head of a multi-task model (ftkit.multitask)."""
+    heads = getattr(model, "labels", None)
+    return [f"logits_{h}" for h in heads] if isinstance(heads, dict) else ["logits"]
+
+
+def _all_logits(out) -> dict[str, np.ndarray]:
+    """Every logits output of a model call (one for a transformers head, one per multi-task head)."""
+    return {k: v.float().numpy() for k, v in out.items() if k.startswith("logits")}
+
+
 def export_onnx_graph(model, path: Path, example: dict, attention: str = "eager") -> None:
     """torch.onnx (dynamo exporter) with dynamic batch and sequence length; inputs input_ids,
-    attention_mask, and token_type_ids when `example` has them (NER runs with case types).
+    attention_mask, and token_type_ids when `example` has them (NER runs with case types); outputs
+    `logits`, or every head's `logits_<head>` for a multi-task model.
     `attention` is the transformers attention implementation traced into the graph."""
     dim = torch.export.Dim.DYNAMIC
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in example]
     # Plain matmul + softmax attention: ONNX Runtime runs its graph faster than the exported SDPA's
     # (int8 MiniLM-L6 on BBC: 206 vs 159 texts/s, bench/int8_paths.py); the outputs are the same.
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(attention)
+    target = model if hasattr(model, "set_attn_implementation") else model.encoder  # multi-task: encoder
+    previous = target.config._attn_implementation
+    target.set_attn_implementation(attention)
     try:
         torch.onnx.export(
             model,
@@ -430,14 +446,14 @@ def export_onnx_graph(model, path: Path, example: dict, attention: str = "eager"
             str(path),
             kwargs={k: example[k] for k in names},
             input_names=names,
-            output_names=["logits"],
+            output_names=_output_names(model),
             dynamic_shapes={k: {0: dim, 1: dim} for k in names},
             dynamo=True,
             external_data=False,
             verbose=False,
         )
     finally:
-        model.set_attn_implementation(previous)
+        target.set_attn_implementation(previous)
     import onnx
 
     # The exporter leaves value_info entries whose shapes contradict the graph (seen: the classifier weight
@@ -477,11 +493,13 @@ def quantize_onnx(src: str | Path, dst: str | Path, reduce_range: bool | None = 
 
 
 def _check_onnx(model, path: Path, batch: dict) -> float:
-    """Max |logit difference| between PyTorch and ONNX Runtime on one batch."""
+    """Max |logit difference| between PyTorch and ONNX Runtime on one batch, over every output."""
     with torch.inference_mode():
-        expected = model(**batch).logits.numpy()
-    got = OnnxModel(onnx_session(path), model.config)(**batch).logits
-    return float(np.abs(got.numpy() - expected).max())
+        expected = _all_logits(model(**batch))
+    got = _all_logits(OnnxModel(onnx_session(path), model.config)(**batch))
+    if got.keys() != expected.keys():
+        raise RuntimeError(f"ONNX outputs {sorted(got)} are not the model's {sorted(expected)}: {path}")
+    return max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
 
 
 _PROBE_TEXTS = ["A short one.", "A somewhat longer sentence, so that the batch needs padding in it."]
@@ -552,8 +570,8 @@ def compress_run(
         raise DataError("pruning needs validation texts to estimate head/neuron importance (texts=...)")
     tokenizer = run_tokenizer(run_dir)
     info = read_run_info(run_dir)
-    if info["task"] == "multi-task":
-        raise DataError(f"{run_dir}: multi-task runs cannot be compressed or exported to ONNX yet")
+    if info["task"] == "multi-task" and pruning:  # the heads' importance has no single loss to rank by
+        raise DataError(f"{run_dir}: multi-task runs can be exported to ONNX and quantized, not pruned")
     max_length, case_feature = info["max_length"], info.get("case_feature", False)
     model = load_torch_model(run_dir)
     # A compressed source (e.g. pruned, now quantized) passes on what was done to it.

@@ -177,10 +177,35 @@ def test_reloaded_run_predicts_the_recipes_test_predictions_and_raw_text(full_ru
         )
     assert any(r["spans"]["ner"] for r in got)
     assert predict_multitask(model, tok, [""], ["x"], info)[0]["tags"] == {h: [] for h in HEADS}
-    from ftkit.compress import export_onnx
 
-    with pytest.raises(DataError, match="multi-task runs cannot be compressed or exported to ONNX yet"):
-        export_onnx(out, tmp_path / "onnx")
+
+def test_onnx_export_keeps_every_head_and_predicts_what_torch_predicts(full_run, tmp_path):
+    from ftkit.cli import main as cli
+    from ftkit.compress import compress_run, export_onnx, load_compressed
+
+    out, _ = full_run
+    onnx_dir = export_onnx(out, tmp_path / "onnx")
+    model = load_compressed(onnx_dir)
+    assert [o.name for o in model.session.get_outputs()] == [f"logits_{h}" for h in HEADS]
+    record = json.loads((onnx_dir / "compress.json").read_text())
+    assert record["onnx_max_abs_diff"] <= record["onnx_atol"]  # checked over all three heads
+    texts = tmp_path / "texts.txt"
+    texts.write_text(
+        "Anna Berg works for Acme Corp in Berlin.\nReuters said Tokyo beat Paris 2-1 on Monday.\n"
+    )
+    rows = {}
+    for name, run in (("torch", out), ("onnx", onnx_dir)):
+        assert (
+            cli(["predict", str(run), "--input", str(texts), "--output", str(tmp_path / f"{name}.jsonl")])
+            == 0
+        )
+        rows[name] = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert [r["tags"] for r in rows["onnx"]] == [r["tags"] for r in rows["torch"]]
+    assert [[(e["type"], e["start"], e["end"]) for e in r["spans"]["ner"]] for r in rows["onnx"]] == [
+        [(e["type"], e["start"], e["end"]) for e in r["spans"]["ner"]] for r in rows["torch"]
+    ]
+    with pytest.raises(DataError, match="multi-task runs can be exported to ONNX and quantized, not pruned"):
+        compress_run(out, tmp_path / "pruned", prune_heads=0.5, texts=["a b c"])
 
 
 def test_lora_trains_adapter_and_heads_and_reloads(tiny_model, tmp_path):
