@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # ftkit's own progress at INFO; other libraries (ONNX export, quantizer, httpx...) warnings only.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("ftkit").setLevel(logging.INFO)
     try:
         args.func(args)
     except DataError as err:  # a problem the user can fix; anything else is a bug: a traceback

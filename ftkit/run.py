@@ -475,7 +475,8 @@ def save_run(
         "task": info["task"],
         "base_model": model_args.model_name_or_path,  # None: the embedded default
         "lora": model_args.use_lora,
-        "merged": model_args.merge_lora,
+        # What save_model writes: FSDP's sharded adapter is saved unmerged (it says so in the log).
+        "merged": model_args.use_lora and model_args.merge_lora and state_dict is None,
         **{k: v for k, v in info.items() if k != "task"},
     }
     # A resumed run (or one that crashed after a final save) may find model files in the folder: a full

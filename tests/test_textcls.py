@@ -120,6 +120,8 @@ def test_lora_trains_adapter_and_head_only_and_reloads_identically(tiny_model, f
     )
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert any(v.abs().sum() > 0 for v in lora_b), "lora_B starts at zero: it must have trained"
+    info = json.loads((out / "ftkit_run.json").read_text())
+    assert info["lora"] is True and info["merged"] is True
 
     # The merged model's encoder differs from the base; the adapter model matches it within 1e-5.
     base = load_file(Path(tiny_model) / "model.safetensors")
