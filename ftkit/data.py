@@ -723,6 +723,11 @@ def load_text_splits(
     made = [s for s in ("validation", "test") if s not in splits]
     if made:
         splits["train"], stats.duplicates_removed, stats.duplicate_label_conflicts = dedupe(splits["train"])
+        if len(splits["train"]) < 3 * len(made) + 1:  # one row per carved split and a few left to train on
+            raise DataError(
+                f"{stats.source}: {len(splits['train'])} distinct training rows are too few to carve "
+                f"{' and '.join(made)} from; give more rows or pass --{'_file / --'.join(made)}_file"
+            )
         for split, fraction in (("test", test_fraction), ("validation", validation_fraction)):
             if split in made:
                 # Fractions are of the whole deduplicated pool, so 0.1/0.1 gives 80/10/10.

@@ -106,7 +106,7 @@ def test_replacement_decoding_only_when_asked(tmp_path):
 
 
 def test_fewer_than_two_classes_is_an_error(tmp_path):
-    path = write(tmp_path / "one.csv", "text,label\na,x\nb,x\nc,x\n")
+    path = write(tmp_path / "one.csv", "text,label\n" + "".join(f"{w},x\n" for w in "abcdefgh"))
     with pytest.raises(DataError, match="1 class"):
         load_text_splits(train_file=str(path))
 
@@ -178,6 +178,18 @@ def test_splits_are_stratified_seeded_and_deduplicated(tmp_path):
     assert [r["text"] for r in s1["test"]] != [r["text"] for r in s3["test"]]
     seen = {r["text"] for r in s1["train"]}
     assert not any(r["text"] in seen for r in s1["test"] + s1["validation"])
+
+
+@pytest.mark.parametrize("rows, ok", [(2, False), (6, False), (7, True)])
+def test_too_few_rows_to_carve_splits_is_a_clear_error(tmp_path, rows, ok):
+    path = write(
+        tmp_path / "few.csv", "text,label\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(rows))
+    )
+    if ok:  # one validation row, one test row, five to train on
+        assert load_text_splits(train_file=str(path))[1].rows == {"train": 5, "test": 1, "validation": 1}
+        return
+    with pytest.raises(DataError, match=rf"few.csv: {rows} distinct training rows are too few to carve"):
+        load_text_splits(train_file=str(path))  # was a scikit-learn ValueError from inside the split
 
 
 def test_hub_dataset_path_maps_class_label_names(monkeypatch):
