@@ -5,6 +5,7 @@ Copy-paste commands:
     make recipe TASK=ratings                                   # Amazon review snippets rated -4..+4, offline
     python recipes/ratings.py --train_file reviews.csv --text_column review --label_column stars
     python recipes/ratings.py --train_file long_reviews.jsonl --max_length 256 --long_text chunks
+    python recipes/ratings.py --train_file sts.csv --text_column s1 --text_pair_column s2 --label_column score  # pairs
     python recipes/ratings.py --train_file reviews.csv --use_lora                 # LoRA: learning rate 5e-4
     accelerate launch --multi_gpu --num_processes 2 recipes/ratings.py --max_steps 50   # 2 CPU ranks (gloo)
     ftkit predict runs/ratings/<run> --input texts.txt         # a score per text

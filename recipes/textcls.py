@@ -5,6 +5,7 @@ Copy-paste commands:
     make recipe TASK=textcls                                   # BBC News + all-MiniLM-L6-v2, offline
     python recipes/textcls.py --train_file train.csv --validation_file dev.csv --text_column body --label_column topic
     python recipes/textcls.py --data_dir 20news-bydate.tar.gz --encoding latin-1 --long_text chunks
+    python recipes/textcls.py --train_file nli.csv --text_column premise --text_pair_column hypothesis  # pairs
     python recipes/textcls.py --dataset_name SetFit/20_newsgroups --model_name_or_path bert-base-uncased  # online
     python recipes/textcls.py --config recipes/configs/textcls_lora.yaml --merge_lora
     accelerate launch --multi_gpu --num_processes 2 recipes/textcls.py --max_steps 50   # 2 CPU ranks (gloo)

@@ -226,6 +226,15 @@ def test_textcls_pairs_reach_the_model_as_segments_and_predict_matches(textcls_r
     for p, r in zip(predicted, recipe, strict=True):
         assert p["p_same"] == pytest.approx(r["p_same"], abs=1e-5)
 
+    # The model card's plain-transformers usage: pipeline with text + text_pair gives the same label.
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(out), device="cpu")
+    first = classify({"text": recipe[0]["text"], "text_pair": recipe[0]["text_pair"]})
+    first = first[0] if isinstance(first, list) else first
+    assert first["label"] == recipe[0]["label"]
+    assert "text_pair" in (out / "README.md").read_text()
+
     txt = tmp_path / "texts.txt"
     txt.write_text("a match today\n")
     assert ftkit_main(["predict", str(out), "--input", str(txt)]) == 2  # refused, with a message
