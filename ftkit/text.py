@@ -133,8 +133,9 @@ def decide_long_text(options, data_args, tokenizer, texts: list[str], pairs: lis
     and every value the user set, stays as it is. Returns the new data arguments.
 
     Sentence pairs (`pairs`, the second texts) are cut `longest_first` (`encode_texts`): auto decides
-    `head`, the name pairs run under, and logs how many pairs `max_length` cuts; `head_tail` and
-    `chunks` do not apply to two texts and are an error."""
+    `head`, the name pairs run under, raises `max_length` to AUTO_MAX_LENGTH on the same rule as one
+    text (more than CUT_HEAD of the tokens cut, length not set by the user), and logs how many pairs
+    it cuts; `head_tail` and `chunks` do not apply to two texts and are an error."""
     if pairs is None and options.user_set("text_pair_column"):
         # A recipe that calls this without pairs reads one text per row: refuse before training on half.
         raise DataError(
@@ -148,14 +149,21 @@ def decide_long_text(options, data_args, tokenizer, texts: list[str], pairs: lis
                 "a pair is one input, cut longest_first to --max_length; use --long_text auto or head"
             )
         if data_args.long_text == "auto":
-            lengths = pair_lengths(tokenizer, texts, pairs)
-            cut = sum(n > data_args.max_length for n in lengths)
+            lengths, max_length = pair_lengths(tokenizer, texts, pairs), data_args.max_length
+            share = cut_share(lengths, max_length)
+            grow = share > CUT_HEAD and max_length < AUTO_MAX_LENGTH and not options.user_set("max_length")
+            if grow:  # as for one text: more than CUT_HEAD of the tokens cut, and the length is ftkit's
+                max_length = AUTO_MAX_LENGTH
+            cut = sum(n > max_length for n in lengths)
             why = (
                 f"--long_text auto: sentence pairs are cut longest_first (the longer text loses tokens "
-                f"first), not by a long-text policy; {cut} of {len(lengths)} training pairs exceed "
+                f"first), not by a long-text policy; {share:.0%} of the training tokens lie beyond "
                 f"max_length={data_args.max_length}"
+                + (f", so max_length {max_length}" if grow else "")
+                + f"; {cut} of {len(lengths)} training pairs exceed {max_length}"
             )
             data_args = options.decide(data_args, why, override_user=True, long_text="head")
+            data_args = options.decide(data_args, why, max_length=max_length)
         return data_args
     if data_args.long_text != "auto":
         return data_args

@@ -139,10 +139,17 @@ def test_long_text_policy_for_pairs(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     options = Options(origins={"long_text": "default", "max_length": "default", "text_pair_column": "cli"})
     args = textcls.DataArguments(max_length=8)
-    decided = decide_long_text(options, args, tok, ["team score goal today match"] * 3, pairs=["food"] * 3)
-    assert decided.long_text == "head" and decided.max_length == 8  # pairs: never grown, never chunked
+    texts, pairs = ["team score goal today match"] * 3, ["food"] * 3
+    decided = decide_long_text(options, args, tok, texts, pairs=pairs)
+    assert (
+        decided.long_text == "head" and decided.max_length == 256
+    )  # pairs: never chunked; grown as one text
     why = options.decided["long_text"]["why"]
-    assert "longest_first" in why and "3 of 3 training pairs exceed max_length=8" in why
+    assert "longest_first" in why and "so max_length 256; 0 of 3 training pairs exceed 256" in why
+    options.origins["max_length"] = "cli"  # a length the user set stays
+    decided = decide_long_text(options, args, tok, texts, pairs=pairs)
+    assert decided.long_text == "head" and decided.max_length == 8
+    assert "3 of 3 training pairs exceed 8" in options.decided["long_text"]["why"]
     for policy in ("chunks", "head_tail"):
         with pytest.raises(DataError, match=f"--long_text {policy} does not apply to sentence pairs"):
             decide_long_text(options, textcls.DataArguments(long_text=policy), tok, ["a"], pairs=["b"])
