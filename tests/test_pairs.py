@@ -186,6 +186,37 @@ def test_pairs_load_from_every_table_format(tmp_path, suffix):
     assert stats.columns == {"text_column": "sentence1", "text_pair_column": "sentence2"}
 
 
+def test_pairs_from_a_hub_dataset(monkeypatch):
+    import datasets
+
+    features = datasets.Features(
+        {
+            "premise": datasets.Value("string"),
+            "hypothesis": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["entailment", "contradiction"]),
+        }
+    )
+    rows = {"premise": ["a cat sat", "a cat sat"], "hypothesis": ["a cat", "no cat"], "label": [0, 1]}
+    fake = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(rows, features=features)
+            for split in ("train", "validation", "test")
+        }
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None: fake)
+    splits, stats = load_text_splits(
+        dataset_name="someone/nli", text_column="premise", text_pair_column="hypothesis"
+    )
+    assert [(r["text"], r["text_pair"], r["label"]) for r in splits["test"]] == [
+        ("a cat sat", "a cat", "entailment"),
+        ("a cat sat", "no cat", "contradiction"),
+    ]
+    rows["hypothesis"][1] = " "
+    fake["train"] = datasets.Dataset.from_dict(rows, features=features)
+    with pytest.raises(DataError, match=r"someone/nli\[train\]:1: empty or missing second text"):
+        load_text_splits(dataset_name="someone/nli", text_column="premise", text_pair_column="hypothesis")
+
+
 def test_bad_pair_rows_name_file_and_line(tmp_path):
     good = {"sentence1": "a cat sat", "sentence2": "a cat", "label": "yes", "score": 1.0}
     path = write(tmp_path / "bad.csv", [good, {**good, "sentence2": ""}])
