@@ -1,6 +1,8 @@
 """A reference baseline beside every run, fitted on the same training rows and scored on the same
 validation and test rows as the fine-tuned model: TF-IDF (word 1-2 grams) + a linear model for texts,
-each word's most frequent training tag for NER. It takes seconds and shows a broken or under-trained
+each word's most frequent training tag for NER. Sentence pairs get TF-IDF of each side, their
+elementwise product (the words both sides share) and its sum, the cosine similarity, side by side,
+then the same linear model. It takes seconds and shows a broken or under-trained
 run at once (BBC News: TF-IDF + LinearSVC 0.986 test accuracy against the old default's 0.967).
 """
 
@@ -12,7 +14,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from ftkit.data import label_key, rating
+from ftkit.data import label_key, pair_texts, rating
 from ftkit.metrics import classification_scores, regression_scores
 
 logger = logging.getLogger(__name__)
@@ -30,16 +32,46 @@ BASELINE_NAMES = {
 }
 
 
+PAIR_FEATURES = "TF-IDF of each side + their elementwise product + cosine"
+
+
+def pair_features(vectorizer, rows: list[dict]):
+    """[tfidf(text), tfidf(pair), tfidf(text) * tfidf(pair), cosine] side by side. One vocabulary for
+    both sides, so the product is non-zero on the words and bigrams the two texts share. The product is
+    scaled to unit length per row: raw, its entries (products of two unit vectors' entries) are so small
+    that the linear model's regularisation ignores them (synthetic paraphrase test: 0.57 accuracy raw,
+    1.0 scaled with the cosine). The cosine (the raw product's sum) keeps how much the texts share."""
+    from scipy.sparse import csr_matrix, hstack
+    from sklearn.preprocessing import normalize
+
+    first = vectorizer.transform([r["text"] for r in rows])
+    second = vectorizer.transform(pair_texts(rows))
+    product = first.multiply(second).tocsr()
+    cosine = csr_matrix(np.asarray(product.sum(axis=1)))
+    return hstack([first, second, normalize(product), cosine]).tocsr()
+
+
 def text_baseline(splits: dict[str, list[dict]], task: str) -> dict[str, float]:
     """`baseline_{eval,test}_*` scores of TF-IDF + LinearSVC (classification: accuracy, macro_f1) or
-    + ridge (regression: rmse, pearson, ...), fitted on `splits["train"]`, scored on validation and test."""
+    + ridge (regression: rmse, pearson, ...), fitted on `splits["train"]`, scored on validation and test.
+    Sentence-pair rows (`text_pair`) use `pair_features`."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import Ridge
     from sklearn.svm import LinearSVC
 
     start = time.perf_counter()
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    x_train = vectorizer.fit_transform([r["text"] for r in splits["train"]])
+    pairs = pair_texts(splits["train"]) is not None
+    if pairs:
+        vectorizer.fit([r["text"] for r in splits["train"]] + pair_texts(splits["train"]))
+
+    def features(rows: list[dict], fit: bool = False):
+        if pairs:
+            return pair_features(vectorizer, rows)
+        texts = [r["text"] for r in rows]
+        return vectorizer.fit_transform(texts) if fit else vectorizer.transform(texts)
+
+    x_train = features(splits["train"], fit=True)
     if task == "regression":
         model = Ridge(alpha=1.0).fit(x_train, [rating(r) for r in splits["train"]])
     else:
@@ -48,7 +80,7 @@ def text_baseline(splits: dict[str, list[dict]], task: str) -> dict[str, float]:
         model = LinearSVC(C=1.0).fit(x_train, [ids[label_key(r["label"])] for r in splits["train"]])
     out: dict[str, float] = {}
     for split, prefix in (("validation", "eval"), ("test", "test")):
-        pred = model.predict(vectorizer.transform([r["text"] for r in splits[split]]))
+        pred = model.predict(features(splits[split]))
         if task == "regression":
             scores = regression_scores([rating(r) for r in splits[split]], pred)
         else:
@@ -109,7 +141,10 @@ def baseline(splits: dict[str, list], task: str, results: dict[str, float]) -> d
     model, base = results[f"test_{metric}"], out[f"baseline_test_{metric}"]
     beaten = model > base if higher else model < base
     out["baseline_beaten"] = bool(beaten)
-    line = f"test {metric}: fine-tuned {model:.4f}, baseline ({BASELINE_NAMES[task]}) {base:.4f}"
+    name = BASELINE_NAMES[task]
+    if task != "token-classification" and pair_texts(splits["train"]) is not None:
+        name = name.replace("TF-IDF (word 1-2 grams)", f"{PAIR_FEATURES} (word 1-2 grams)")
+    line = f"test {metric}: fine-tuned {model:.4f}, baseline ({name}) {base:.4f}"
     if beaten:
         logger.info("%s", line)
     else:

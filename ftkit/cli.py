@@ -24,10 +24,27 @@ def recipes_dir() -> Path:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from ftkit.fastlinear import use_onednn_linear
-    from ftkit.predict import load_run, predict_texts, prediction_rows, read_inputs, run_tokenizer
+    from ftkit.predict import (
+        load_run,
+        predict_texts,
+        prediction_rows,
+        read_inputs,
+        read_pair_inputs,
+        run_tokenizer,
+    )
     from ftkit.run import read_run_info, write_rows
 
-    texts, origins = read_inputs(args.input, args.text_column)
+    run_info, pairs = read_run_info(args.run_dir), None
+    if run_info.get("text_pair_column"):  # trained on sentence pairs: a table with both texts
+        texts, pairs, origins = read_pair_inputs(
+            args.input, run_info, args.text_column, args.text_pair_column
+        )
+    elif args.text_pair_column:
+        raise DataError(
+            f"{args.run_dir}: this run was trained on single texts; it takes no --text_pair_column"
+        )
+    else:
+        texts, origins = read_inputs(args.input, args.text_column)
     if (Path(args.run_dir) / "compress.json").is_file():
         from ftkit.compress import load_compressed  # pruned, int8 or ONNX variants: their own paths
 
@@ -48,8 +65,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
         rows = predict_multitask(model, tokenizer, texts, origins, info, batch_size=args.batch_size)
     else:
-        scores = predict_texts(model, tokenizer, texts, info, batch_size=args.batch_size)
-        rows = prediction_rows(origins, texts, scores, info)
+        scores = predict_texts(model, tokenizer, texts, info, batch_size=args.batch_size, pairs=pairs)
+        rows = prediction_rows(origins, texts, scores, info, pairs=pairs)
     out = Path(args.output or Path(args.run_dir) / f"predictions-{Path(args.input).stem}.jsonl")
     write_rows(rows, out)
     print(f"{len(rows)} predictions written to {out}")
@@ -113,8 +130,22 @@ def _labelled_texts(args: argparse.Namespace) -> tuple[list[str], list[str], str
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from ftkit.compress import compress_run
-    from ftkit.predict import read_inputs
+    from ftkit.predict import read_inputs, read_pair_inputs
+    from ftkit.run import read_run_info
 
+    info = read_run_info(args.run_dir)
+
+    def read_texts(path: str) -> list:
+        if info.get("text_pair_column"):  # a run trained on sentence pairs ranks and checks on pairs
+            texts, pairs, _ = read_pair_inputs(path, info, args.text_column)
+            return list(zip(texts, pairs, strict=True))
+        return read_inputs(path, args.text_column)[0]
+
+    if args.choose and info.get("text_pair_column"):
+        raise DataError(
+            "--choose does not measure runs trained on sentence pairs yet; use --quantize int8 (checked "
+            "against PyTorch on --texts) and ftkit predict on a labelled pair table"
+        )
     if args.choose:
         from ftkit.choose import choose_inference
 
@@ -127,8 +158,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
             print(f"{name:>10}: {figures}")
         print(f"chosen: {record['choice']['chosen']}; run written to {args.out} (ftkit predict serves it)")
         return
-    texts = read_inputs(args.texts, args.text_column)[0] if args.texts else None
-    recover_texts = read_inputs(args.recover_texts, args.text_column)[0] if args.recover_texts else None
+    texts = read_texts(args.texts) if args.texts else None
+    recover_texts = read_texts(args.recover_texts) if args.recover_texts else None
     out = compress_run(
         args.run_dir,
         args.out,
@@ -171,10 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input",
         required=True,
-        help=".txt (one text per line), or .csv/.tsv/.jsonl/.json/.parquet with a text column",
+        help=".txt (one text per line), or .csv/.tsv/.jsonl/.json/.parquet with a text column (runs trained "
+        "on sentence pairs: a table with both texts, the columns named as in training)",
     )
     p.add_argument("--output", help="output .jsonl or .csv (default: RUN_DIR/predictions-<input>.jsonl)")
     p.add_argument("--text_column", help="text column of a table input (default: detected)")
+    p.add_argument(
+        "--text_pair_column", help="pair runs: the second text's column (default: the one the run trained on)"
+    )
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument(
         "--linear_backend",

@@ -117,7 +117,7 @@ class OnnxModel:
     def __call__(self, input_ids, attention_mask, token_type_ids=None, **_ignored) -> ModelOutput:
         feed = {"input_ids": np.asarray(input_ids, dtype=np.int64)}
         feed["attention_mask"] = np.asarray(attention_mask, dtype=np.int64)
-        if any(i.name == "token_type_ids" for i in self.session.get_inputs()):  # NER runs with case types
+        if any(i.name == "token_type_ids" for i in self.session.get_inputs()):  # NER case types, pairs
             types = np.zeros_like(feed["input_ids"]) if token_type_ids is None else token_type_ids
             feed["token_type_ids"] = np.asarray(types, dtype=np.int64)
         names = [o.name for o in self.session.get_outputs()]
@@ -251,12 +251,18 @@ def _task_loss(model, logits: torch.Tensor, attention_mask: torch.Tensor) -> tor
 
 
 def _batches(
-    tokenizer, texts: Sequence[str], batch_size: int, max_length: int, case_feature: bool = False
+    tokenizer, texts: Sequence, batch_size: int, max_length: int, case_feature: bool = False
 ) -> list[dict]:
     """Padded batches of `texts`. With `case_feature` (NER runs on uncased models) the rows are built as
     `ftkit predict` builds them: words from `split_words`, each sub-token's `token_type_ids` the shape of
-    its word, texts longer than `max_length` as windows."""
-    if case_feature:
+    its word, texts longer than `max_length` as windows. (text, pair) tuples (runs trained on sentence
+    pairs) are encoded as pairs, with their `token_type_ids` where the model takes them."""
+    pairs = bool(texts) and isinstance(texts[0], tuple | list)
+    if pairs:
+        from ftkit.text import encode_pairs
+
+        rows = encode_pairs(tokenizer, [a for a, _ in texts], [b for _, b in texts], max_length)
+    elif case_feature:
         from ftkit.ner import encode_pieces, split_words, word_pieces, word_shape
         from ftkit.text import special_tokens_template
 
@@ -272,7 +278,11 @@ def _batches(
         rows = {k: features.rows[k] for k in ("input_ids", "token_type_ids")}
     else:
         rows = dict(tokenizer(list(texts), truncation=True, max_length=max_length))
-    keys = ["input_ids", "token_type_ids"] if case_feature else ["input_ids"]
+    keys = (
+        ["input_ids", "token_type_ids"]
+        if case_feature or (pairs and "token_type_ids" in rows)
+        else ["input_ids"]
+    )
     n = len(rows["input_ids"])
     return [
         pad_batch({k: rows[k][start : start + batch_size] for k in keys}, tokenizer.pad_token_id)
@@ -429,8 +439,9 @@ def _all_logits(out) -> dict[str, np.ndarray]:
 
 def export_onnx_graph(model, path: Path, example: dict, attention: str = "eager") -> None:
     """torch.onnx (dynamo exporter) with dynamic batch and sequence length; inputs input_ids,
-    attention_mask, and token_type_ids when `example` has them (NER runs with case types); outputs
-    `logits`, or every head's `logits_<head>` for a multi-task model.
+    attention_mask, and token_type_ids when `example` has them (NER runs with case types, sentence
+    pairs on models with segment types); outputs `logits`, or every head's `logits_<head>` for a
+    multi-task model.
     `attention` is the transformers attention implementation traced into the graph."""
     dim = torch.export.Dim.DYNAMIC
     names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in example]
@@ -506,11 +517,19 @@ _PROBE_TEXTS = ["A short one.", "A somewhat longer sentence, so that the batch n
 
 
 def _write_onnx(
-    model, tokenizer, out_dir: Path, quantize: str | None, texts: Sequence[str] | None, case_feature: bool
+    model,
+    tokenizer,
+    out_dir: Path,
+    quantize: str | None,
+    texts: Sequence | None,
+    case_feature: bool,
+    pairs: bool = False,
 ) -> dict:
-    """Export (and maybe quantize) `model` into out_dir; return the compress.json fields it adds."""
+    """Export (and maybe quantize) `model` into out_dir; return the compress.json fields it adds.
+    A pair run (`pairs`) is traced and checked on pairs, so the graph takes their token_type_ids."""
     max_length = min(tokenizer.model_max_length, 512)
-    probe = _batches(tokenizer, list(texts or _PROBE_TEXTS)[:8], 8, max_length, case_feature)[0]
+    default = list(zip(_PROBE_TEXTS, _PROBE_TEXTS[::-1], strict=True)) if pairs else _PROBE_TEXTS
+    probe = _batches(tokenizer, list(texts or default)[:8], 8, max_length, case_feature)[0]
     fp32 = out_dir / "model.onnx"
     export_onnx_graph(model, fp32, probe)
     diff = _check_onnx(model, fp32, probe)
@@ -547,15 +566,15 @@ def compress_run(
     recover_steps: int = 0,
     merge_lora: bool = False,
     onnx: bool = False,
-    texts: Sequence[str] | None = None,
-    recover_texts: Sequence[str] | None = None,
+    texts: Sequence | None = None,
+    recover_texts: Sequence | None = None,
     batch_size: int = 16,
 ) -> Path:
     """Write a compressed copy of a run directory and return `out_dir`.
 
     Steps, in order: LoRA runs are merged (always; `merge_lora=True` alone just writes the merged model);
     `prune_heads` / `prune_ffn` remove that fraction of attention heads / FFN neurons, ranked by importance
-    on `texts` (validation texts; required when pruning), then `recover_steps` of distillation from the
+    on `texts` (validation texts, (text, pair) tuples for a pair run; required when pruning), then `recover_steps` of distillation from the
     unpruned model on `recover_texts` (default `texts`); `quantize="int8"` exports to ONNX and quantizes
     with ONNX Runtime (`onnx=True` exports fp32 ONNX without quantizing). Without ONNX the result is
     safetensors, reloadable with `load_compressed`. `compress.json` records what was done.
@@ -573,6 +592,13 @@ def compress_run(
     if info["task"] == "multi-task" and pruning:  # the heads' importance has no single loss to rank by
         raise DataError(f"{run_dir}: multi-task runs can be exported to ONNX and quantized, not pruned")
     max_length, case_feature = info["max_length"], info.get("case_feature", False)
+    pairs = bool(info.get("text_pair_column"))
+    for given in (texts, recover_texts):
+        if given and pairs != isinstance(given[0], tuple | list):
+            raise DataError(
+                f"{run_dir}: trained on "
+                + ("sentence pairs: give (text, pair) tuples" if pairs else "single texts: give strings")
+            )
     model = load_torch_model(run_dir)
     # A compressed source (e.g. pruned, now quantized) passes on what was done to it.
     record = {**read_compress_record(run_dir), "source": str(run_dir), "format": "safetensors"}
@@ -605,7 +631,7 @@ def compress_run(
         model.eval()
     _copy_run_files(run_dir, out_dir, tokenizer)
     if quantize or onnx:
-        fields = _write_onnx(model, tokenizer, out_dir, quantize, texts, case_feature)
+        fields = _write_onnx(model, tokenizer, out_dir, quantize, texts, case_feature, pairs)
         record.update(fields, quantize=quantize)
     else:
         model.save_pretrained(out_dir)

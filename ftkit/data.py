@@ -30,7 +30,7 @@ from ftkit.packages import package_dir
 
 logger = logging.getLogger(__name__)
 
-Row = dict  # {"text": str, "label": str | float, "origin": str}
+Row = dict  # {"text": str, "label": str | float, "origin": str}, plus "text_pair": str for sentence pairs
 SPLITS = ("train", "validation", "test")
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document", "body")
 LABEL_COLUMNS = ("label", "labels", "category", "class", "target", "sentiment", "stars", "rating")
@@ -71,6 +71,13 @@ class TextSource:
     label_column: str | None = field(
         default=None, metadata={"help": "Label column. Default: detected (label, category, ...)."}
     )
+    text_pair_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Second text of a sentence pair (NLI hypothesis, paraphrase, passage for a query): the "
+            "model reads text and pair together. Table files and hub datasets only; never detected."
+        },
+    )
     encoding: str = field(
         default="utf-8", metadata={"help": "Encoding of text files (20news-bydate: latin-1)."}
     )
@@ -106,6 +113,8 @@ class LoadStats:
     skipped: dict[str, int] = field(default_factory=dict)
     decoded_with_fallback: int = 0
     split_made: str = ""
+    # Pair data only: {"text_column": ..., "text_pair_column": ...} as read, for ftkit_run.json.
+    columns: dict[str, str] = field(default_factory=dict)
 
     def card(self, classes: str) -> dict[str, object]:
         """The data table of the model card."""
@@ -339,11 +348,13 @@ def read_table(
     encoding: str = "utf-8",
     encoding_errors: str = "strict",
     require_label: bool = True,
+    text_pair_column: str | None = None,
 ) -> tuple[list[Row], str, str | None]:
     """Read one table file into rows. Returns (rows, text_column, label_column).
 
     Empty texts and missing labels are errors naming the line; labels are kept as they come
-    (strings or numbers) and normalised to strings by `label_maps`.
+    (strings or numbers) and normalised to strings by `label_maps`. With `text_pair_column` each row
+    also has `text_pair` (see `pair_text`).
     """
     path = Path(path)
     if not path.is_file():
@@ -351,19 +362,37 @@ def read_table(
     records = _records(path, encoding, encoding_errors)
     columns = list(records[0][1].keys())
     text_col = _pick(columns, text_column, TEXT_COLUMNS, "text", path)
+    pair_col = text_pair_column and _pick(columns, text_pair_column, (), "text_pair", path)
+    if pair_col == text_col:
+        raise DataError(f"{path}: the text and the second text (--text_pair_column) are both {text_col!r}")
     label_col = None
     if require_label or label_column:
-        label_col = _pick([c for c in columns if c != text_col], label_column, LABEL_COLUMNS, "label", path)
+        others = [c for c in columns if c not in (text_col, pair_col)]
+        label_col = _pick(others, label_column, LABEL_COLUMNS, "label", path)
     rows = []
     for origin, rec in records:
         text = rec.get(text_col)
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{origin}: empty or missing text in column {text_col!r}")
         row: Row = {"text": text, "origin": origin}
+        if pair_col:
+            row["text_pair"] = pair_text(rec.get(pair_col), origin, pair_col)
         if label_col:
             row["label"] = check_label(rec.get(label_col), origin, label_col)
         rows.append(row)
     return rows, text_col, label_col
+
+
+def pair_text(value: object, origin: str, column: str) -> str:
+    """The second text of a sentence pair, or a `DataError` naming the row. An empty second text is an
+    error, as an empty first text is: in pair data (NLI, paraphrase, query + passage) a missing side is a
+    broken row, not a pair the model can learn from; rows that have one text belong in a one-text run."""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(
+            f"{origin}: empty or missing second text in column {column!r} (--text_pair_column); "
+            "every row of pair data needs both texts"
+        )
+    return value
 
 
 def check_label(label: object, origin: str, column: str) -> str | int | float:
@@ -485,7 +514,11 @@ def read_class_folders(
 
 
 def load_hub(
-    name: str, config: str | None, text_column: str | None, label_column: str | None
+    name: str,
+    config: str | None,
+    text_column: str | None,
+    label_column: str | None,
+    text_pair_column: str | None = None,
 ) -> dict[str, list[Row]]:
     """A dataset from the Hugging Face hub, or `sklearn/20newsgroups` through scikit-learn's fetcher."""
     if name == "sklearn/20newsgroups":
@@ -508,8 +541,9 @@ def load_hub(
             continue
         cols = ds.column_names
         text_col = _pick(cols, text_column, TEXT_COLUMNS, "text", Path(f"{name}[{hub_split}]"))
+        pair_col = text_pair_column and _pick(cols, text_pair_column, (), "text_pair", Path(name))
         label_col = _pick(
-            [c for c in cols if c != text_col],
+            [c for c in cols if c not in (text_col, pair_col)],
             label_column,
             LABEL_COLUMNS,
             "label",
@@ -525,6 +559,8 @@ def load_hub(
                 raise DataError(f"{name}[{hub_split}] row {i}: empty text")
             label = names[rec[label_col]] if names else rec[label_col]
             rows.append({"text": text, "label": label, "origin": f"{name}[{hub_split}]:{i}"})
+            if pair_col:
+                rows[-1]["text_pair"] = pair_text(rec[pair_col], rows[-1]["origin"], pair_col)
         out[split] = rows
     return out
 
@@ -533,12 +569,25 @@ def load_hub(
 # Dedupe, split, label maps
 
 
+def text_key(row: Row) -> str:
+    """What makes two rows the same input: the stripped text, and for a sentence pair both texts (one
+    premise with three hypotheses is three inputs, not duplicates)."""
+    if "text_pair" in row:
+        return f"{row['text'].strip()}\x1f{row['text_pair'].strip()}"
+    return row["text"].strip()
+
+
+def pair_texts(rows: list[Row]) -> list[str] | None:
+    """The second texts of sentence-pair rows, or None for one-text rows."""
+    return [r["text_pair"] for r in rows] if rows and "text_pair" in rows[0] else None
+
+
 def dedupe(rows: list[Row]) -> tuple[list[Row], int, int]:
     """Drop exact duplicate texts (after stripping), keep the first. Returns (rows, removed, label conflicts)."""
     seen: dict[str, object] = {}
     out, conflicts = [], 0
     for row in rows:
-        key = row["text"].strip()
+        key = text_key(row)
         if key in seen:
             conflicts += seen[key] != row["label"]
             continue
@@ -552,7 +601,7 @@ def label_conflicts(splits: dict[str, list[Row]]) -> int:
     labels: dict[str, set[str]] = {}
     for rows in splits.values():
         for row in rows:
-            labels.setdefault(row["text"].strip(), set()).add(label_key(row["label"]))
+            labels.setdefault(text_key(row), set()).add(label_key(row["label"]))
     return sum(len(found) > 1 for found in labels.values())
 
 
@@ -582,7 +631,8 @@ def fingerprint(splits: dict[str, list[Row]]) -> str:
     h = hashlib.sha256()
     for split in sorted(splits):
         for r in splits[split]:
-            h.update(f"{split}\x1f{r['text']}\x1f{r.get('label')}\x1e".encode())
+            pair = f"\x1f{r['text_pair']}" if "text_pair" in r else ""  # one-text hashes stay as they were
+            h.update(f"{split}\x1f{r['text']}{pair}\x1f{r.get('label')}\x1e".encode())
     return h.hexdigest()[:16]
 
 
@@ -649,6 +699,7 @@ def to_datasets(splits: dict[str, list[Row]], preprocess=None) -> datasets.Datas
                     "label": [label_key(r["label"]) for r in rows],
                     "origin": [r["origin"] for r in rows],
                 }
+                | ({"text_pair": pairs} if (pairs := pair_texts(rows)) is not None else {})
             )
             for split, rows in splits.items()
         }
@@ -657,7 +708,7 @@ def to_datasets(splits: dict[str, list[Row]], preprocess=None) -> datasets.Datas
         for split in ds:
             ds[split] = ds[split].map(
                 preprocess, batched=True, with_indices=True, fn_kwargs={"split": split},
-                remove_columns=["text", "label", "origin"], desc=f"Tokenizing {split}",
+                remove_columns=ds[split].column_names, desc=f"Tokenizing {split}",
             )  # fmt: skip
     return ds
 
@@ -672,6 +723,7 @@ def load_text_splits(
     data_dir: str | None = None,
     text_column: str | None = None,
     label_column: str | None = None,
+    text_pair_column: str | None = None,
     encoding: str = "utf-8",
     encoding_errors: str = "strict",
     validation_fraction: float = 0.1,
@@ -684,17 +736,23 @@ def load_text_splits(
     dataset, or `sklearn/20newsgroups`). Splits that are missing are carved out of train
     (stratified, seeded). When ftkit makes the split itself, exact duplicate texts are removed
     first so that no test text also sits in train; given splits are kept as they are and their
-    overlap is counted.
+    overlap is counted. With `text_pair_column` (table files and hub datasets) every row is a sentence
+    pair with `text_pair` too.
     """
     stats = LoadStats()
     if train_file and data_dir:
         raise DataError("give either --train_file or --data_dir, not both")
+    if text_pair_column and not train_file and (data_dir or dataset_name in BUILTIN):
+        raise DataError(
+            f"--text_pair_column needs table files (--train_file) or a hub dataset: {data_dir or dataset_name} "
+            "holds one text per document, no pairs"
+        )
     if train_file:
         splits = {}
         for split, f in zip(SPLITS, (train_file, validation_file, test_file), strict=True):
             if f:
                 splits[split], text_column, label_column = read_table(
-                    f, text_column, label_column, encoding, encoding_errors
+                    f, text_column, label_column, encoding, encoding_errors, text_pair_column=text_pair_column
                 )
         stats.source = str(train_file)
     elif validation_file or test_file:
@@ -712,7 +770,8 @@ def load_text_splits(
     elif dataset_name == "amazon-ratings":
         splits, stats.source = {"train": load_amazon_ratings()}, "amazon-ratings (vaderSentiment 3.3.2)"
     elif dataset_name:
-        splits, stats.source = load_hub(dataset_name, dataset_config, text_column, label_column), dataset_name
+        splits = load_hub(dataset_name, dataset_config, text_column, label_column, text_pair_column)
+        stats.source = dataset_name
     else:
         raise DataError(
             f"no data given: pass --train_file, --data_dir or --dataset_name ({', '.join(BUILTIN)} built in)"
@@ -748,13 +807,15 @@ def load_text_splits(
                 "%d texts occur with different labels in the given splits", stats.duplicate_label_conflicts
             )
 
-    train_texts = {r["text"].strip() for r in splits["train"]}
-    stats.train_test_overlap = sum(r["text"].strip() in train_texts for r in splits.get("test", []))
+    train_texts = {text_key(r) for r in splits["train"]}
+    stats.train_test_overlap = sum(text_key(r) in train_texts for r in splits.get("test", []))
     if stats.train_test_overlap:
         logger.warning(
             "%d test texts also occur in train: test scores will be optimistic", stats.train_test_overlap
         )
     stats.rows = {s: len(r) for s, r in splits.items()}
+    if text_pair_column:
+        stats.columns = {"text_column": text_column, "text_pair_column": text_pair_column}
     n_classes = len({label_key(r["label"]) for r in splits["train"]})
     if n_classes < 2:
         raise DataError(

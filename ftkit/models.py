@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
 from ftkit import DataError
 from ftkit.packages import default_model_path
@@ -58,13 +63,21 @@ def resolve_model_path(name_or_path: str | None) -> str:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """A fast tokenizer (needed for word alignment and offsets)."""
+    """A fast tokenizer (needed for word alignment and offsets), returning `token_type_ids` only where
+    the model has a second segment type (`ftkit.text.match_token_types`; sentence pairs)."""
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise DataError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from None
     if not tok.is_fast:
         raise DataError(f"{name_or_path}: ftkit needs a fast (Rust) tokenizer, this one is slow-only")
+    from ftkit.text import match_token_types
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot load the model config from {name_or_path!r}: {err}") from None
+    match_token_types(tok, config)
     return tok
 
 

@@ -16,7 +16,7 @@ from ftkit.data import decode, read_table, split_lines
 from ftkit.metrics import softmax
 from ftkit.models import MODEL_CLASSES, resolve_model_path
 from ftkit.run import read_run_info
-from ftkit.text import encode_texts, pad_batch
+from ftkit.text import encode_texts, match_token_types, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +34,14 @@ def run_config(path: str | Path):
 
 
 def run_tokenizer(path: str | Path):
-    """The tokenizer of a run directory, with `trust_remote_code=False` (see `run_config`)."""
+    """The tokenizer of a run directory, with `trust_remote_code=False` (see `run_config`), returning
+    `token_type_ids` only where the model has a second segment type (`match_token_types`)."""
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"{path}: cannot load the tokenizer without running code from it: {err}") from None
+    match_token_types(tokenizer, run_config(path))
+    return tokenizer
 
 
 def _check_weights_format(run_dir: Path) -> None:
@@ -98,13 +101,26 @@ def load_run(run_dir: str | Path):
 
 @torch.inference_mode()
 def predict_texts(
-    model, tokenizer, texts: list[str], info: dict[str, Any], batch_size: int = 32, progress: bool = True
+    model,
+    tokenizer,
+    texts: list[str],
+    info: dict[str, Any],
+    batch_size: int = 32,
+    progress: bool = True,
+    pairs: list[str] | None = None,
 ) -> np.ndarray:
     """Class probabilities (N, C), or scores (N,) for regression, in the order of `texts`.
 
     Inputs are sorted by length so each batch pads to a similar length; with the `chunks` policy
-    the windows of one text are scored and their probabilities averaged into one prediction.
+    the windows of one text are scored and their probabilities averaged into one prediction. A run
+    trained on sentence pairs (`text_pair_column` in its info) needs `pairs`, the second texts.
     """
+    if bool(info.get("text_pair_column")) != (pairs is not None):
+        raise DataError(
+            "this run was trained on sentence pairs: give the second texts too"
+            if pairs is None
+            else "this run was trained on single texts: it takes no second texts"
+        )
     enc = encode_texts(
         tokenizer,
         texts,
@@ -112,17 +128,17 @@ def predict_texts(
         info.get("long_text", "head"),
         info.get("stride", 64),
         info.get("max_chunks", 0),
+        pairs=pairs,
     )
+    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
     order = np.argsort([-n for n in enc["length"]], kind="stable")
     outputs: list[np.ndarray] = [None] * len(order)  # type: ignore[list-item]
     for start in tqdm(
         range(0, len(order), batch_size), desc="Predicting", unit="batch", disable=not progress
     ):
         idx = order[start : start + batch_size]
-        batch = pad_batch({"input_ids": [enc["input_ids"][i] for i in idx]}, tokenizer.pad_token_id)
-        logits = (
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().numpy()
-        )
+        batch = pad_batch({k: [enc[k][i] for i in idx] for k in keys}, tokenizer.pad_token_id)
+        logits = model(**batch).logits.float().numpy()
         for i, row in zip(idx, logits, strict=True):
             outputs[i] = row
     logits = np.stack(outputs)
@@ -157,15 +173,46 @@ def read_inputs(
     return [r["text"] for r in rows], [r["origin"] for r in rows]
 
 
+def read_pair_inputs(
+    path: str | Path,
+    info: dict[str, Any],
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    encoding: str = "utf-8",
+) -> tuple[list[str], list[str], list[str]]:
+    """(texts, second texts, origins) of a sentence-pair table for a run trained on pairs: the columns
+    the run was trained with (`text_column`, `text_pair_column` in its info) unless given. A .txt holds
+    one text per line, no pairs: an error that says what to give instead."""
+    path = Path(path)
+    pair_col = text_pair_column or info["text_pair_column"]
+    text_col = text_column or info.get("text_column")
+    if path.suffix.lower() == ".txt":
+        raise DataError(
+            f"{path}: this run was trained on sentence pairs; a .txt has one text per line. Give a "
+            f".csv/.tsv/.jsonl/.json/.parquet with columns {text_col or 'text'!r} and {pair_col!r} "
+            "(or name them with --text_column / --text_pair_column)"
+        )
+    if not path.is_file():
+        raise DataError(f"{path}: input file not found")
+    rows, _, _ = read_table(path, text_col, None, encoding, require_label=False, text_pair_column=pair_col)
+    return [r["text"] for r in rows], [r["text_pair"] for r in rows], [r["origin"] for r in rows]
+
+
 def prediction_rows(
-    origins: list[str], texts: list[str], scores: np.ndarray, info: dict[str, Any], gold: list | None = None
+    origins: list[str],
+    texts: list[str],
+    scores: np.ndarray,
+    info: dict[str, Any],
+    gold: list | None = None,
+    pairs: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One output record per input: label and per-class probabilities (or a score for regression),
-    after the `gold` label or rating when given (the recipes' test_predictions.jsonl)."""
+    after the `gold` label or rating when given (the recipes' test_predictions.jsonl); for sentence
+    pairs the second text follows the first (`text_pair`)."""
     rows = []
     for i, (origin, text, s) in enumerate(zip(origins, texts, scores, strict=True)):
         row: dict[str, Any] = {} if gold is None else {"gold": gold[i]}
-        row |= {"origin": origin, "text": text}
+        row |= {"origin": origin, "text": text} | ({} if pairs is None else {"text_pair": pairs[i]})
         if info["task"] == "regression":
             row["score"] = float(s)
         else:

@@ -434,8 +434,13 @@ def usage(run_dir: Path, info: dict[str, Any]) -> str:
             )
             text += "\n# transformers.pipeline would not."
         return text
+    if info.get("text_pair_column"):  # sentence pairs: a table with both texts, no .txt
+        columns = f"{info.get('text_column') or 'text'}, {info['text_pair_column']}"
+        text = f"ftkit predict {run_dir} --input pairs.csv  # columns {columns}, as in training"
     text += f"\n# or: transformers.pipeline('text-classification', model='{run_dir}'"
     text += ", function_to_apply='none')  # the rating" if info["task"] == "regression" else ")"
+    if info.get("text_pair_column"):
+        text += "\n#     called with {'text': first, 'text_pair': second} per input"
     if info.get("temperature", 1) != 1:
         text += f"  # uncalibrated: ftkit predict divides the logits by T={info['temperature']:.3g}"
     return text

@@ -127,10 +127,44 @@ def choose_long_text(
     }
 
 
-def decide_long_text(options, data_args, tokenizer, texts: list[str]):
+def decide_long_text(options, data_args, tokenizer, texts: list[str], pairs: list[str] | None = None):
     """`--long_text auto`: measure the training texts and set `long_text`, `max_length` (when the user
     did not set it) and `max_chunks` through `options.decide` (`choose_long_text`). Any other policy,
-    and every value the user set, stays as it is. Returns the new data arguments."""
+    and every value the user set, stays as it is. Returns the new data arguments.
+
+    Sentence pairs (`pairs`, the second texts) are cut `longest_first` (`encode_texts`): auto decides
+    `head`, the name pairs run under, raises `max_length` to AUTO_MAX_LENGTH on the same rule as one
+    text (more than CUT_HEAD of the tokens cut, length not set by the user), and logs how many pairs
+    it cuts; `head_tail` and `chunks` do not apply to two texts and are an error."""
+    if pairs is None and options.user_set("text_pair_column"):
+        # A recipe that calls this without pairs reads one text per row: refuse before training on half.
+        raise DataError(
+            "--text_pair_column: this recipe reads one text per row; sentence pairs train with the "
+            "textcls (classes) and ratings (scores) recipes"
+        )
+    if pairs is not None:
+        if data_args.long_text in ("head_tail", "chunks"):
+            raise DataError(
+                f"--long_text {data_args.long_text} does not apply to sentence pairs (--text_pair_column): "
+                "a pair is one input, cut longest_first to --max_length; use --long_text auto or head"
+            )
+        if data_args.long_text == "auto":
+            lengths, max_length = pair_lengths(tokenizer, texts, pairs), data_args.max_length
+            share = cut_share(lengths, max_length)
+            grow = share > CUT_HEAD and max_length < AUTO_MAX_LENGTH and not options.user_set("max_length")
+            if grow:  # as for one text: more than CUT_HEAD of the tokens cut, and the length is ftkit's
+                max_length = AUTO_MAX_LENGTH
+            cut = sum(n > max_length for n in lengths)
+            why = (
+                f"--long_text auto: sentence pairs are cut longest_first (the longer text loses tokens "
+                f"first), not by a long-text policy; {share:.0%} of the training tokens lie beyond "
+                f"max_length={data_args.max_length}"
+                + (f", so max_length {max_length}" if grow else "")
+                + f"; {cut} of {len(lengths)} training pairs exceed {max_length}"
+            )
+            data_args = options.decide(data_args, why, override_user=True, long_text="head")
+            data_args = options.decide(data_args, why, max_length=max_length)
+        return data_args
     if data_args.long_text != "auto":
         return data_args
     raw = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
@@ -157,15 +191,66 @@ def special_tokens_template(tokenizer) -> tuple[list[int], list[int]]:
     raise ValueError(f"cannot find the special-token template of {type(tokenizer).__name__}")
 
 
+def pair_lengths(tokenizer, texts: Sequence[str], pairs: Sequence[str]) -> list[int]:
+    """Tokens of each (text, pair) input uncut, special tokens included."""
+    first = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    second = tokenizer(list(pairs), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    return [len(a) + len(b) + specials for a, b in zip(first, second, strict=True)]
+
+
+def match_token_types(tokenizer, config) -> None:
+    """Drop `token_type_ids` from what `tokenizer` returns when the model has no second segment type
+    (`type_vocab_size` below 2: RoBERTa-style; a segment id of 1 would index past its table). Tokenizers
+    of such models usually return none already (their `model_input_names` lack it)."""
+    if getattr(config, "type_vocab_size", 2) < 2 and "token_type_ids" in tokenizer.model_input_names:
+        tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+
+
+def encode_pairs(tokenizer, texts: list[str], pairs: list[str], max_length: int) -> dict[str, list]:
+    """Tokenize (text, pair) inputs as the tokenizer joins two segments ([CLS] a [SEP] b [SEP] for BERT),
+    cut `longest_first` to `max_length` (the longer side loses a token at a time). `token_type_ids`
+    (0 on the first segment, 1 on the second) come along when the tokenizer's model takes them
+    (`match_token_types`). Same columns as `encode_texts` otherwise, one row per pair."""
+    if len(texts) != len(pairs):
+        raise ValueError(f"{len(texts)} texts but {len(pairs)} second texts")
+    types = "token_type_ids" in tokenizer.model_input_names
+    enc = tokenizer(
+        list(texts), list(pairs), truncation="longest_first", max_length=max_length,
+        return_token_type_ids=types, return_attention_mask=True, verbose=False,
+    )  # fmt: skip
+    out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if types:
+        out["token_type_ids"] = enc["token_type_ids"]
+    out["length"] = [len(x) for x in enc["input_ids"]]
+    out["truncated"] = [int(n > max_length) for n in pair_lengths(tokenizer, texts, pairs)]
+    out["chunk_of"] = list(range(len(texts)))
+    return out
+
+
 def encode_texts(
-    tokenizer, texts: list[str], max_length: int, policy: str = "head", stride: int = 64, max_chunks: int = 0
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    policy: str = "head",
+    stride: int = 64,
+    max_chunks: int = 0,
+    pairs: list[str] | None = None,
 ) -> dict[str, list]:
     """Tokenize a batch of texts without padding (the collator pads per batch).
 
     Returns `input_ids`, `attention_mask`, `length` (tokens incl. specials), `truncated` (1 when the
     text did not fit) and `chunk_of` (index of the source text in the batch; with `chunks` a text
     yields several rows, at most `max_chunks` when > 0). Use it under `datasets.map(batched=True)`.
+    With `pairs` (the second texts of sentence pairs) the inputs are pairs (`encode_pairs`); the
+    policy must then be `head` (pairs are cut longest_first).
     """
+    if pairs is not None:
+        if policy != "head":
+            raise DataError(
+                f"--long_text {policy} does not apply to sentence pairs; they are cut longest_first"
+            )
+        return encode_pairs(tokenizer, texts, pairs, max_length)
     if policy not in LONG_TEXT_POLICIES:
         raise DataError(f"unknown long-text policy {policy!r}; choose from {LONG_TEXT_POLICIES}")
     if policy == "chunks" and not 0 <= stride < max_length // 2:

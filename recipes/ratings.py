@@ -5,6 +5,7 @@ Copy-paste commands:
     make recipe TASK=ratings                                   # Amazon review snippets rated -4..+4, offline
     python recipes/ratings.py --train_file reviews.csv --text_column review --label_column stars
     python recipes/ratings.py --train_file long_reviews.jsonl --max_length 256 --long_text chunks
+    python recipes/ratings.py --train_file sts.csv --text_column s1 --text_pair_column s2 --label_column score  # pairs
     python recipes/ratings.py --train_file reviews.csv --use_lora                 # LoRA: learning rate 5e-4
     accelerate launch --multi_gpu --num_processes 2 recipes/ratings.py --max_steps 50   # 2 CPU ranks (gloo)
     ftkit predict runs/ratings/<run> --input texts.txt         # a score per text
@@ -31,7 +32,7 @@ from transformers import (
 from ftkit import DataError, error_exit
 from ftkit.baseline import baseline
 from ftkit.config import TRAINER_DEFAULTS, parse_args
-from ftkit.data import TextSource, fingerprint, load_text_splits, rating, to_datasets
+from ftkit.data import TextSource, fingerprint, load_text_splits, pair_texts, rating, to_datasets
 from ftkit.metrics import exact_eval_loss, regression_scores
 from ftkit.models import ModelArguments, add_lora, load_model, load_tokenizer, lora_config, resolve_model_path
 from ftkit.predict import prediction_rows
@@ -110,12 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("data: %s; ratings %g..%g; rows %s", stats.source, low, high, stats.rows)
 
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
-    data_args = decide_long_text(options, data_args, tokenizer, [r["text"] for r in splits["train"]])
+    train_texts, train_pairs = [r["text"] for r in splits["train"]], pair_texts(splits["train"])
+    data_args = decide_long_text(options, data_args, tokenizer, train_texts, pairs=train_pairs)  # pairs: head
 
     policy = (data_args.max_length, data_args.long_text, data_args.stride, data_args.max_chunks)
 
     def preprocess(batch, indices, split):
-        enc = encode_texts(tokenizer, batch["text"], *policy)
+        enc = encode_texts(tokenizer, batch["text"], *policy, pairs=batch.get("text_pair"))
         # With `chunks` one text yields several rows; each keeps its text's rating and index (for pooling).
         enc["text_index"] = [indices[i] for i in enc.pop("chunk_of")]
         enc["labels"] = [target[split][i] for i in enc["text_index"]]
@@ -186,13 +188,15 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- Save the run directory (main process only) ---------------------------------------------
     info = {"task": TASK, "max_length": data_args.max_length, "long_text": data_args.long_text}
     info |= {"stride": data_args.stride, "max_chunks": data_args.max_chunks, "labels": [], "temperature": 1.0}
+    info |= stats.columns  # sentence pairs: the text and pair columns, for ftkit predict
     test_rows = splits["test"]
     save_run(
         run_dir, trainer, tokenizer, options=options,
         args=(source, data_args, model_args, speed_args, run_args, training_args),
         info=info, results=results,
         predictions=prediction_rows(
-            [r["origin"] for r in test_rows], [r["text"] for r in test_rows], final["test"], info, target["test"]
+            [r["origin"] for r in test_rows], [r["text"] for r in test_rows], final["test"], info, target["test"],
+            pairs=pair_texts(test_rows),
         ),
         curve_metric="rmse",
         fingerprint=fingerprint(splits),

@@ -5,6 +5,7 @@ Copy-paste commands:
     make recipe TASK=textcls                                   # BBC News + all-MiniLM-L6-v2, offline
     python recipes/textcls.py --train_file train.csv --validation_file dev.csv --text_column body --label_column topic
     python recipes/textcls.py --data_dir 20news-bydate.tar.gz --encoding latin-1 --long_text chunks
+    python recipes/textcls.py --train_file nli.csv --text_column premise --text_pair_column hypothesis  # pairs
     python recipes/textcls.py --dataset_name SetFit/20_newsgroups --model_name_or_path bert-base-uncased  # online
     python recipes/textcls.py --config recipes/configs/textcls_lora.yaml --merge_lora
     accelerate launch --multi_gpu --num_processes 2 recipes/textcls.py --max_steps 50   # 2 CPU ranks (gloo)
@@ -38,6 +39,7 @@ from ftkit.data import (
     label_key,
     label_maps,
     load_text_splits,
+    pair_texts,
     to_datasets,
 )
 from ftkit.metrics import classification_scores, confusion, exact_eval_loss, per_class_report, softmax
@@ -123,11 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("data: %s; %d classes; rows %s", stats.source, len(names), stats.rows)
 
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
-    data_args = decide_long_text(options, data_args, tokenizer, [r["text"] for r in splits["train"]])
+    train_texts, train_pairs = [r["text"] for r in splits["train"]], pair_texts(splits["train"])
+    data_args = decide_long_text(options, data_args, tokenizer, train_texts, pairs=train_pairs)  # pairs: head
     policy = (data_args.max_length, data_args.long_text, data_args.stride, data_args.max_chunks)
 
     def preprocess(batch, indices, split):
-        enc = encode_texts(tokenizer, batch["text"], *policy)
+        enc = encode_texts(tokenizer, batch["text"], *policy, pairs=batch.get("text_pair"))
         # With `chunks` one text yields several rows; each keeps its text's label and index (for pooling).
         enc["text_index"] = [indices[i] for i in enc.pop("chunk_of")]
         enc["labels"] = [target[split][i] for i in enc["text_index"]]
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- Save the run directory (main process only) ---------------------------------------------
     info = {"task": TASK, "max_length": data_args.max_length, "long_text": data_args.long_text}
     info |= {"stride": data_args.stride, "max_chunks": data_args.max_chunks, "labels": names}
+    info |= stats.columns  # sentence pairs: the text and pair columns, for ftkit predict
     probs, gold, test_rows = final["test"], np.asarray(target["test"]), splits["test"]
     preds = probs.argmax(-1)
     save_run(
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         args=(source, data_args, aug_args, model_args, speed_args, run_args, training_args),
         info=info, results=results,
         predictions=prediction_rows(
-            [r["origin"] for r in test_rows], [r["text"] for r in test_rows], probs, info, [names[g] for g in gold]
+            [r["origin"] for r in test_rows], [r["text"] for r in test_rows], probs, info, [names[g] for g in gold],
+            pairs=pair_texts(test_rows),
         ),
         report=per_class_report(gold, preds, names),
         confusion=(confusion(gold, preds, len(names)), names),
