@@ -12,8 +12,9 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from ftkit.data import label_key, rating
+from ftkit.data import label_key, label_maps, label_targets, rating
 from ftkit.metrics import classification_scores, regression_scores
+from ftkit.multilabel import MULTI_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +23,13 @@ MAIN_METRIC = {
     "text-classification": ("accuracy", True),
     "regression": ("rmse", False),
     "token-classification": ("f1", True),
+    MULTI_LABEL: ("micro_f1", True),
 }
 BASELINE_NAMES = {
     "text-classification": "TF-IDF (word 1-2 grams) + LinearSVC",
     "regression": "TF-IDF (word 1-2 grams) + ridge regression",
     "token-classification": "each word's most frequent training tag",
+    MULTI_LABEL: "TF-IDF (word 1-2 grams) + one-vs-rest logistic regression, thresholds tuned on validation",
 }
 
 
@@ -55,6 +58,43 @@ def text_baseline(splits: dict[str, list[dict]], task: str) -> dict[str, float]:
             # A class the baseline never saw in train counts as wrong (-1 matches no prediction).
             gold = np.array([ids.get(label_key(r["label"]), -1) for r in splits[split]])
             scores = classification_scores(gold, pred, len(names))
+        out |= {f"baseline_{prefix}_{k}": v for k, v in scores.items()}
+        out[f"baseline_{prefix}_rows"] = len(splits[split])
+    out["baseline_seconds"] = time.perf_counter() - start
+    return out
+
+
+def multi_label_baseline(splits: dict[str, list[dict]]) -> dict[str, float]:
+    """`baseline_{eval,test}_*` multi-label scores (micro_f1, macro_f1, ...) of TF-IDF + one logistic
+    regression per label, each label's threshold tuned on the validation rows as the model's are.
+
+    Logistic regression rather than LinearSVC: its probabilities take the same threshold rule and
+    fallback (`ftkit.multilabel.tune_thresholds`). Labels that occur only outside train are columns
+    the baseline never predicts (scored as misses)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from ftkit.metrics import multi_label_scores
+    from ftkit.multilabel import tune_thresholds
+
+    start = time.perf_counter()
+    label2id, _ = label_maps([r["label"] for rows in splits.values() for r in rows])
+    targets = {split: np.asarray(t) for split, t in label_targets(splits, label2id).items()}
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    x_train = vectorizer.fit_transform([r["text"] for r in splits["train"]])
+    seen = targets["train"].sum(axis=0) > 0  # only labels with training rows get a model
+    model = OneVsRestClassifier(LogisticRegression(solver="liblinear")).fit(
+        x_train, targets["train"][:, seen]
+    )
+    out: dict[str, float] = {}
+    thresholds = None
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        probs = np.zeros(targets[split].shape)
+        probs[:, seen] = model.predict_proba(vectorizer.transform([r["text"] for r in splits[split]]))
+        if thresholds is None:  # validation comes first: test is scored at its thresholds
+            thresholds = tune_thresholds(probs, targets[split])
+        scores = multi_label_scores(targets[split], probs >= thresholds)
         out |= {f"baseline_{prefix}_{k}": v for k, v in scores.items()}
         out[f"baseline_{prefix}_rows"] = len(splits[split])
     out["baseline_seconds"] = time.perf_counter() - start
@@ -102,9 +142,10 @@ def baseline(splits: dict[str, list], task: str, results: dict[str, float]) -> d
     """The task's baseline scores (see `text_baseline`, `tag_baseline`) compared with the fine-tuned
     model's test figure in `results`: adds `baseline_beaten` and, when the model does not beat the
     baseline, `baseline_warning` (also logged as a warning; the model card shows it)."""
-    out: dict[str, object] = dict(
-        tag_baseline(splits) if task == "token-classification" else text_baseline(splits, task)
-    )
+    if task == MULTI_LABEL:
+        out: dict[str, object] = dict(multi_label_baseline(splits))
+    else:
+        out = dict(tag_baseline(splits) if task == "token-classification" else text_baseline(splits, task))
     metric, higher = MAIN_METRIC[task]
     model, base = results[f"test_{metric}"], out[f"baseline_test_{metric}"]
     beaten = model > base if higher else model < base

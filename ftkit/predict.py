@@ -15,8 +15,9 @@ from ftkit import DataError
 from ftkit.data import decode, read_table, split_lines
 from ftkit.metrics import softmax
 from ftkit.models import MODEL_CLASSES, resolve_model_path
+from ftkit.multilabel import MULTI_LABEL, run_thresholds
 from ftkit.run import read_run_info
-from ftkit.text import encode_texts, pad_batch
+from ftkit.text import encode_texts, pad_batch, pool_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def load_run(run_dir: str | Path):
 def predict_texts(
     model, tokenizer, texts: list[str], info: dict[str, Any], batch_size: int = 32, progress: bool = True
 ) -> np.ndarray:
-    """Class probabilities (N, C), or scores (N,) for regression, in the order of `texts`.
+    """Class probabilities (N, C) (multi-label: one per label), or scores (N,) for regression, in the
+    order of `texts`.
 
     Inputs are sorted by length so each batch pads to a similar length; with the `chunks` policy
     the windows of one text are scored and their probabilities averaged into one prediction.
@@ -126,6 +128,8 @@ def predict_texts(
         for i, row in zip(idx, logits, strict=True):
             outputs[i] = row
     logits = np.stack(outputs)
+    if info["task"] == MULTI_LABEL:  # the recipe's pooling: mean logit over a text's windows, then sigmoid
+        return pool_probabilities(logits, enc["chunk_of"], multi_label=True)
     # `temperature` is set by runs calibrated on their validation set (sentiment --calibrate); 1 = as trained.
     scores = logits[:, 0] if info["task"] == "regression" else softmax(logits / info.get("temperature", 1.0))
     # Pool chunk rows back to one row per input text.
@@ -160,14 +164,19 @@ def read_inputs(
 def prediction_rows(
     origins: list[str], texts: list[str], scores: np.ndarray, info: dict[str, Any], gold: list | None = None
 ) -> list[dict[str, Any]]:
-    """One output record per input: label and per-class probabilities (or a score for regression),
-    after the `gold` label or rating when given (the recipes' test_predictions.jsonl)."""
+    """One output record per input: label and per-class probabilities (or a score for regression;
+    multi-label: `labels`, each label whose probability reaches its threshold in `info["thresholds"]`),
+    after the `gold` label, labels or rating when given (the recipes' test_predictions.jsonl)."""
     rows = []
+    cut = run_thresholds(info) if info["task"] == MULTI_LABEL else None
     for i, (origin, text, s) in enumerate(zip(origins, texts, scores, strict=True)):
         row: dict[str, Any] = {} if gold is None else {"gold": gold[i]}
         row |= {"origin": origin, "text": text}
         if info["task"] == "regression":
             row["score"] = float(s)
+        elif cut is not None:
+            row["labels"] = [n for n, p, t in zip(info["labels"], s, cut, strict=True) if p >= t]
+            row.update({f"p_{n}": round(float(p), 6) for n, p in zip(info["labels"], s, strict=True)})
         else:
             names = info["labels"]
             row["label"] = names[int(np.argmax(s))]

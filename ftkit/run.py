@@ -43,7 +43,8 @@ MANIFEST_PACKAGES = (
 # The options a model card lists (those a run has); config.yaml in the run directory holds all.
 CARD_HYPERPARAMETERS = (
     "task", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length",
-    "long_text", "stride", "max_chunks", "context", "decode", "case_feature", "class_weights", "calibrate", "lr_scheduler_type",
+    "long_text", "stride", "max_chunks", "context", "decode", "case_feature", "class_weights", "calibrate", "multi_label",
+    "pos_weight", "lr_scheduler_type",
     "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
 )  # fmt: skip
 
@@ -435,7 +436,12 @@ def usage(run_dir: Path, info: dict[str, Any]) -> str:
             text += "\n# transformers.pipeline would not."
         return text
     text += f"\n# or: transformers.pipeline('text-classification', model='{run_dir}'"
-    text += ", function_to_apply='none')  # the rating" if info["task"] == "regression" else ")"
+    if info["task"] == "regression":
+        text += ", function_to_apply='none')  # the rating"
+    elif info.get("thresholds"):  # multi-label
+        text += ", top_k=None)  # each label's probability; ftkit predict applies the run's thresholds"
+    else:
+        text += ")"
     if info.get("temperature", 1) != 1:
         text += f"  # uncalibrated: ftkit predict divides the logits by T={info['temperature']:.3g}"
     return text
