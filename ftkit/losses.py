@@ -95,7 +95,9 @@ def pos_weights(spec: str | None, targets: np.ndarray, names: list[str]) -> list
                 f"--pos_weight {spec!r}: expected 'auto' or one positive number per label in label order "
                 f"({', '.join(names)})"
             )
-    logger.info("positive weights per label: %s", dict(zip(names, weights, strict=True)))
+    logger.info(
+        "positive weights per label: %s", {n: round(w, 3) for n, w in zip(names, weights, strict=True)}
+    )
     return weights
 
 

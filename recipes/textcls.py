@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     # [end shared]
 
     # ---- Data: load, check labels, tokenize -------------------------------------------------
-    multi = {"multi_label": data_args.multi_label, "label_delimiter": data_args.label_delimiter}
-    splits, stats = load_text_splits(**vars(source), **multi)
+    splits, stats = load_text_splits(
+        **vars(source), multi_label=data_args.multi_label, label_delimiter=data_args.label_delimiter
+    )
     multi, task = stats.multi_label, MULTI_LABEL if stats.multi_label else TASK  # label lists: sigmoid + BCE
     label2id, _ = label_maps([r["label"] for r in splits["train"]])
     added_labels = check_labels(splits, label2id, data_args.add_unseen_labels)
