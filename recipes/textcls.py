@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     # CPU speed options and the precision, by measurement (recipes/README.md, "Speed on a CPU")
     speed, training_args = speed_up(model, speed_args, training_args, options)
     # [end shared]
-    if multi:  # BCE with logits on 0/1 targets; config.json keeps it (a pipeline then applies a sigmoid)
-        model.config.problem_type = "multi_label_classification"
+    model.config.problem_type = "multi_label_classification" if multi else None  # BCE for label lists
     model = add_lora(model, lora_config(model_args, TASK))
     training_args = decide_training(options, training_args, model_args, len(ds["train"]))
     # [shared: classification-callbacks]
