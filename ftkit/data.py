@@ -708,7 +708,7 @@ def label_targets(splits: dict[str, list[Row]], label2id: dict[str, int]) -> dic
     out = {}
     for split, rows in splits.items():
         if rows and isinstance(rows[0]["label"], list):
-            out[split] = [[float(n in set(r["label"])) for n in label2id] for r in rows]
+            out[split] = [[float(n in names) for n in label2id] for names in (set(r["label"]) for r in rows)]
         else:
             out[split] = [label2id[label_key(r["label"])] for r in rows]
     return out
