@@ -329,3 +329,19 @@ def test_onnx_export_applies_the_thresholds(run, tmp_path):
     for row, e in zip(rows, expected, strict=True):  # equal labels where no probability sits at a threshold
         sure = clear(e, info, margin=1e-3)
         assert [n for n in row["labels"] if n in sure] == [n for n in e["labels"] if n in sure]
+
+
+def test_pruning_losses_of_a_multi_label_model_are_per_label():
+    from types import SimpleNamespace
+
+    from ftkit.compress import _distillation_loss, _task_loss
+
+    model = SimpleNamespace(config=SimpleNamespace(num_labels=3, problem_type="multi_label_classification"))
+    logits, mask = torch.tensor([[2.0, -1.0, 0.5]]), torch.ones(1, 4)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[1.0, 0.0, 1.0]]))
+    assert _task_loss(model, logits, mask).item() == pytest.approx(expected.item())
+    # Distillation is smallest (the teacher's own entropy) when the student equals the teacher.
+    teacher = torch.tensor([[1.0, -2.0, 0.0]])
+    assert _distillation_loss(model, teacher, teacher, mask) < _distillation_loss(
+        model, logits, teacher, mask
+    )
