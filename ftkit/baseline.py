@@ -14,8 +14,9 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from ftkit.data import label_key, pair_texts, rating
+from ftkit.data import label_key, label_maps, label_targets, pair_texts, rating
 from ftkit.metrics import classification_scores, regression_scores
+from ftkit.multilabel import MULTI_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +25,13 @@ MAIN_METRIC = {
     "text-classification": ("accuracy", True),
     "regression": ("rmse", False),
     "token-classification": ("f1", True),
+    MULTI_LABEL: ("micro_f1", True),
 }
 BASELINE_NAMES = {
     "text-classification": "TF-IDF (word 1-2 grams) + LinearSVC",
     "regression": "TF-IDF (word 1-2 grams) + ridge regression",
     "token-classification": "each word's most frequent training tag",
+    MULTI_LABEL: "TF-IDF (word 1-2 grams) + one-vs-rest logistic regression, thresholds tuned on validation",
 }
 
 
@@ -51,27 +54,28 @@ def pair_features(vectorizer, rows: list[dict]):
     return hstack([first, second, normalize(product), cosine]).tocsr()
 
 
+def tfidf_features(train: list[dict]):
+    """(training matrix, transform for other rows): TF-IDF (word 1-2 grams) fitted on `train`, or
+    `pair_features` for sentence-pair rows (one vocabulary fitted on both sides)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    if pair_texts(train) is not None:
+        vectorizer.fit([r["text"] for r in train] + pair_texts(train))
+        return pair_features(vectorizer, train), lambda rows: pair_features(vectorizer, rows)
+    x_train = vectorizer.fit_transform([r["text"] for r in train])
+    return x_train, lambda rows: vectorizer.transform([r["text"] for r in rows])
+
+
 def text_baseline(splits: dict[str, list[dict]], task: str) -> dict[str, float]:
     """`baseline_{eval,test}_*` scores of TF-IDF + LinearSVC (classification: accuracy, macro_f1) or
     + ridge (regression: rmse, pearson, ...), fitted on `splits["train"]`, scored on validation and test.
     Sentence-pair rows (`text_pair`) use `pair_features`."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import Ridge
     from sklearn.svm import LinearSVC
 
     start = time.perf_counter()
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    pairs = pair_texts(splits["train"]) is not None
-    if pairs:
-        vectorizer.fit([r["text"] for r in splits["train"]] + pair_texts(splits["train"]))
-
-    def features(rows: list[dict], fit: bool = False):
-        if pairs:
-            return pair_features(vectorizer, rows)
-        texts = [r["text"] for r in rows]
-        return vectorizer.fit_transform(texts) if fit else vectorizer.transform(texts)
-
-    x_train = features(splits["train"], fit=True)
+    x_train, features = tfidf_features(splits["train"])
     if task == "regression":
         model = Ridge(alpha=1.0).fit(x_train, [rating(r) for r in splits["train"]])
     else:
@@ -87,6 +91,41 @@ def text_baseline(splits: dict[str, list[dict]], task: str) -> dict[str, float]:
             # A class the baseline never saw in train counts as wrong (-1 matches no prediction).
             gold = np.array([ids.get(label_key(r["label"]), -1) for r in splits[split]])
             scores = classification_scores(gold, pred, len(names))
+        out |= {f"baseline_{prefix}_{k}": v for k, v in scores.items()}
+        out[f"baseline_{prefix}_rows"] = len(splits[split])
+    out["baseline_seconds"] = time.perf_counter() - start
+    return out
+
+
+def multi_label_baseline(splits: dict[str, list[dict]]) -> dict[str, float]:
+    """`baseline_{eval,test}_*` multi-label scores (micro_f1, macro_f1, ...) of TF-IDF + one logistic
+    regression per label, each label's threshold tuned on the validation rows as the model's are.
+
+    Logistic regression rather than LinearSVC: its probabilities take the same threshold rule and
+    fallback (`ftkit.multilabel.tune_thresholds`). Labels that occur only outside train are columns
+    the baseline never predicts (scored as misses)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from ftkit.metrics import multi_label_scores
+    from ftkit.multilabel import tune_thresholds
+
+    start = time.perf_counter()
+    label2id, _ = label_maps([r["label"] for rows in splits.values() for r in rows])
+    targets = {split: np.asarray(t) for split, t in label_targets(splits, label2id).items()}
+    x_train, features = tfidf_features(splits["train"])  # sentence pairs: `pair_features`
+    seen = targets["train"].sum(axis=0) > 0  # only labels with training rows get a model
+    model = OneVsRestClassifier(LogisticRegression(solver="liblinear")).fit(
+        x_train, targets["train"][:, seen]
+    )
+    out: dict[str, float] = {}
+    thresholds = None
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        probs = np.zeros(targets[split].shape)
+        probs[:, seen] = model.predict_proba(features(splits[split]))
+        if thresholds is None:  # validation comes first: test is scored at its thresholds
+            thresholds = tune_thresholds(probs, targets[split])
+        scores = multi_label_scores(targets[split], probs >= thresholds)
         out |= {f"baseline_{prefix}_{k}": v for k, v in scores.items()}
         out[f"baseline_{prefix}_rows"] = len(splits[split])
     out["baseline_seconds"] = time.perf_counter() - start
@@ -134,9 +173,10 @@ def baseline(splits: dict[str, list], task: str, results: dict[str, float]) -> d
     """The task's baseline scores (see `text_baseline`, `tag_baseline`) compared with the fine-tuned
     model's test figure in `results`: adds `baseline_beaten` and, when the model does not beat the
     baseline, `baseline_warning` (also logged as a warning; the model card shows it)."""
-    out: dict[str, object] = dict(
-        tag_baseline(splits) if task == "token-classification" else text_baseline(splits, task)
-    )
+    if task == MULTI_LABEL:
+        out: dict[str, object] = dict(multi_label_baseline(splits))
+    else:
+        out = dict(tag_baseline(splits) if task == "token-classification" else text_baseline(splits, task))
     metric, higher = MAIN_METRIC[task]
     model, base = results[f"test_{metric}"], out[f"baseline_test_{metric}"]
     beaten = model > base if higher else model < base

@@ -9,7 +9,8 @@ measured here: texts/s at batch 32 with 128 tokens per text (the same work for e
 every run, whatever its long-text policy), and accuracy on the given labelled texts through
 `ftkit.predict.predict_texts` (the run's own max_length and policy). The fastest candidate within
 `tolerance` (0.5 point) of fp32's accuracy is written to `out_dir`, and `compress.json` records every
-candidate's figures and the choice; `ftkit predict out_dir` then serves it (`load_compressed`).
+candidate's figures and the choice; `ftkit predict out_dir` then serves it (`load_compressed`). For a
+multi-label run the figure is micro-F1 at the run's per-label thresholds instead of accuracy.
 
 Candidates: `fp32` (torch, `--linear_backend auto`), `bf16` (torch, bf16 weights; measured only where
 the CPU runs bf16 natively unless asked for), `torch-int8` (torch dynamic int8 linears), `onnx-int8`
@@ -33,7 +34,10 @@ import torch
 from transformers import AutoTokenizer
 
 from ftkit import DataError
+from ftkit.data import row_labels
 from ftkit.hardware import cpu_info, native_bf16
+from ftkit.metrics import multi_label_scores
+from ftkit.multilabel import MULTI_LABEL, run_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +84,22 @@ def measure_speed(models: dict, batch: dict, rounds: int = 3) -> dict[str, float
     return {name: len(batch["input_ids"]) / seconds for name, seconds in best.items()}
 
 
-def measure_accuracy(
-    models: dict, tokenizer, texts: Sequence[str], labels: Sequence[str], info: dict
-) -> dict:
-    """Accuracy of each model on the labelled texts, predicted as `ftkit predict` does."""
+def measure_accuracy(models: dict, tokenizer, texts: Sequence[str], labels: Sequence, info: dict) -> dict:
+    """Accuracy of each model on the labelled texts, predicted as `ftkit predict` does; for a
+    multi-label run (labels: lists of names) micro-F1 at the run's thresholds."""
     from ftkit.predict import predict_texts
 
-    gold = np.asarray([str(label) for label in labels])
     names = np.asarray(info["labels"])
+    if info["task"] == MULTI_LABEL:
+        gold = np.array([[n in set(row_labels(label)) for n in names] for label in labels])
+        cut = run_thresholds(info)
+        return {
+            name: multi_label_scores(
+                gold, predict_texts(model, tokenizer, list(texts), info, progress=False) >= cut
+            )["micro_f1"]
+            for name, model in models.items()
+        }
+    gold = np.asarray([str(label) for label in labels])
     return {
         name: float(
             np.mean(
@@ -98,10 +110,10 @@ def measure_accuracy(
     }
 
 
-def choose(figures: dict[str, dict], tolerance: float = TOLERANCE) -> str:
-    """The fastest candidate whose accuracy is within `tolerance` of fp32's (fp32 itself always is)."""
-    floor = figures["fp32"]["accuracy"] - tolerance - 1e-9  # 1e-9: exactly at the tolerance counts
-    eligible = [n for n, f in figures.items() if "texts_per_s" in f and f["accuracy"] >= floor]
+def choose(figures: dict[str, dict], tolerance: float = TOLERANCE, metric: str = "accuracy") -> str:
+    """The fastest candidate whose `metric` is within `tolerance` of fp32's (fp32 itself always is)."""
+    floor = figures["fp32"][metric] - tolerance - 1e-9  # 1e-9: exactly at the tolerance counts
+    eligible = [n for n, f in figures.items() if "texts_per_s" in f and f[metric] >= floor]
     return max(eligible, key=lambda n: figures[n]["texts_per_s"])
 
 
@@ -135,10 +147,11 @@ def choose_inference(
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     info = read_run_info(run_dir)
-    if info["task"] != "text-classification":
+    if info["task"] not in ("text-classification", MULTI_LABEL):
         raise DataError(
             f"{run_dir}: --choose compares accuracy, so it takes text-classification runs, not {info['task']}"
         )
+    metric = "micro_f1" if info["task"] == MULTI_LABEL else "accuracy"
     if read_compress_record(run_dir).get("format") == "onnx":
         raise DataError(f"{run_dir} is an ONNX run; choose from the run it was made from")
     unknown = sorted(set(candidates or ()) - set(CANDIDATES))
@@ -158,9 +171,9 @@ def choose_inference(
         models = _build(run_dir, names, work, texts)
         speed = measure_speed(models, fixed_batch(tokenizer, texts))
         accuracy = measure_accuracy(models, tokenizer, texts, labels, info)
-        figures = {n: {"texts_per_s": round(speed[n], 1), "accuracy": round(accuracy[n], 4)} for n in names}
+        figures = {n: {"texts_per_s": round(speed[n], 1), metric: round(accuracy[n], 4)} for n in names}
         figures.update({n: {"skipped": why} for n, why in skipped.items()})
-        chosen = choose(figures, tolerance)
+        chosen = choose(figures, tolerance, metric)
         for name, f in figures.items():
             logger.info("inference %-10s %s", name, f)
         if chosen == "onnx-int8":
@@ -174,7 +187,7 @@ def choose_inference(
             record["versions"] = package_versions(("torch", "transformers", "onnx", "onnxruntime"))
     record["choice"] = {
         "chosen": chosen,
-        "rule": f"fastest within {tolerance * 100:g} point(s) of fp32 accuracy",
+        "rule": f"fastest within {tolerance * 100:g} point(s) of fp32 {metric}",
         "speed_at": {"batch_size": BATCH_SIZE, "tokens_per_text": TOKENS},
         "accuracy_on": accuracy_on,
         "accuracy_texts": len(texts),

@@ -118,7 +118,8 @@ def _labelled_texts(args: argparse.Namespace) -> tuple[list[str], list[str], str
     from ftkit.data import read_table
 
     if args.texts:
-        rows, _, label_column = read_table(args.texts, args.text_column, args.label_column)
+        # Label lists (JSON) are kept as lists: a multi-label run's choice scores them.
+        rows, _, label_column = read_table(args.texts, args.text_column, args.label_column, multi_label=True)
         return [r["text"] for r in rows], [r["label"] for r in rows], f"{args.texts} (column {label_column})"
     path = Path(args.run_dir) / "test_predictions.jsonl"
     if not path.is_file():

@@ -244,6 +244,8 @@ def _task_loss(model, logits: torch.Tensor, attention_mask: torch.Tensor) -> tor
     """
     if model.config.num_labels == 1:
         return logits.sum()
+    if model.config.problem_type == "multi_label_classification":  # each label against its own decision
+        return F.binary_cross_entropy_with_logits(logits, (logits > 0).float().detach())
     if logits.dim() == 3:
         keep = attention_mask.bool()
         return F.cross_entropy(logits[keep], logits[keep].argmax(-1).detach())
@@ -375,9 +377,12 @@ def prune_model(model, keep_heads: list[list[int]], keep_ffn: list[list[int]]) -
 
 
 def _distillation_loss(model, logits: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor):
-    """KL(teacher || student) per text (per real token for token classification); MSE for regression."""
+    """KL(teacher || student) per text (per real token for token classification); MSE for regression;
+    multi-label: BCE against the teacher's per-label probabilities."""
     if model.config.num_labels == 1:
         return F.mse_loss(logits, target)
+    if model.config.problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, torch.sigmoid(target))
     keep = attention_mask.bool() if logits.dim() == 3 else slice(None)
     return F.kl_div(
         F.log_softmax(logits[keep], -1),

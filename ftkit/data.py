@@ -115,6 +115,7 @@ class LoadStats:
     split_made: str = ""
     # Pair data only: {"text_column": ..., "text_pair_column": ...} as read, for ftkit_run.json.
     columns: dict[str, str] = field(default_factory=dict)
+    multi_label: bool = False  # rows have label lists (`resolve_multi_label`)
 
     def card(self, classes: str) -> dict[str, object]:
         """The data table of the model card."""
@@ -136,6 +137,8 @@ class LoadStats:
         out.update({f"data_skipped_{k}": v for k, v in self.skipped.items()})
         if self.split_made:
             out["data_split_made"] = self.split_made
+        if self.multi_label:
+            out["data_multi_label"] = True
         return out
 
 
@@ -349,12 +352,16 @@ def read_table(
     encoding_errors: str = "strict",
     require_label: bool = True,
     text_pair_column: str | None = None,
+    multi_label: bool = False,
+    label_delimiter: str | None = None,
 ) -> tuple[list[Row], str, str | None]:
     """Read one table file into rows. Returns (rows, text_column, label_column).
 
     Empty texts and missing labels are errors naming the line; labels are kept as they come
     (strings or numbers) and normalised to strings by `label_maps`. With `text_pair_column` each row
-    also has `text_pair` (see `pair_text`).
+    also has `text_pair` (see `pair_text`). With `multi_label` a label may also be a list of names
+    (JSON, JSONL, Parquet) or, with `label_delimiter`, a delimited string (CSV/TSV: "sport|politics");
+    see `check_label`.
     """
     path = Path(path)
     if not path.is_file():
@@ -378,7 +385,7 @@ def read_table(
         if pair_col:
             row["text_pair"] = pair_text(rec.get(pair_col), origin, pair_col)
         if label_col:
-            row["label"] = check_label(rec.get(label_col), origin, label_col)
+            row["label"] = check_label(rec.get(label_col), origin, label_col, multi_label, label_delimiter)
         rows.append(row)
     return rows, text_col, label_col
 
@@ -395,31 +402,65 @@ def pair_text(value: object, origin: str, column: str) -> str:
     return value
 
 
-def check_label(label: object, origin: str, column: str) -> str | int | float:
+def check_label(
+    label: object, origin: str, column: str, multi_label: bool = False, delimiter: str | None = None
+) -> str | int | float | list[str]:
     """A label as read (a name or a number), or a `DataError` naming the row for values that would
-    otherwise become a class named after their text: missing, NaN/inf, booleans, lists and objects."""
+    otherwise become a class named after their text: missing, NaN/inf, booleans, lists and objects.
+
+    With `multi_label` a list (or, with `delimiter`, a string, split on it) is a row's label set:
+    returned as a list of names (`check_label_list`); an empty list (or empty cell) means no label."""
+    if multi_label:
+        if delimiter and isinstance(label, str):
+            label = label.split(delimiter) if label.strip() else []
+        if isinstance(label, list | tuple | np.ndarray):
+            return check_label_list(list(label), origin, column)
     if isinstance(label, str):
         label = label.strip()
         if label.lower() in ("", "nan"):  # "nan": a missing value written out by pandas or str(float)
             raise DataError(f"{origin}: empty or missing label in column {column!r} (got {label!r})")
         if label[:1] in "[{" and label[-1:] in "]}":
             raise DataError(
-                f"{origin}: label {label!r} in column {column!r} looks like a list: multi-label data is "
-                "not supported yet; give one label per row"
+                f"{origin}: label {label!r} in column {column!r} looks like a list written as text: for "
+                "multi-label data write JSON lists (JSON/JSONL), or names separated by a delimiter "
+                "(CSV/TSV: a|b with --label_delimiter '|')"
             )
         return label
     if label is None or (isinstance(label, float) and math.isnan(label)):
         raise DataError(f"{origin}: empty or missing label in column {column!r}")
     if isinstance(label, bool):
         raise DataError(f"{origin}: label {label!r} in column {column!r} is a boolean; write the class name")
-    if isinstance(label, list | tuple | dict | np.ndarray):
+    if isinstance(label, list | tuple | np.ndarray):
         raise DataError(
-            f"{origin}: label {label!r} in column {column!r} is a list: multi-label data is not supported "
-            "yet; give one label per row"
+            f"{origin}: label {label!r} in column {column!r} is a list, and this data is read as "
+            "single-label: textcls reads label lists as multi-label data (--multi_label auto or true)"
         )
     if not isinstance(label, int | float) or not math.isfinite(label):
         raise DataError(f"{origin}: label {label!r} in column {column!r} is not a class name or number")
     return label
+
+
+def check_label_list(items: list, origin: str, column: str) -> list[str]:
+    """A row's label set as names (`label_key`), in the order given, or a `DataError` naming the row:
+    every item must be a name (a string, or a whole number as single labels may be), not empty, and
+    no name may occur twice."""
+    names = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str | int | np.integer):
+            raise DataError(
+                f"{origin}: label list {items!r} in column {column!r} holds {item!r}, which is not a "
+                "label name: write each label as a string"
+            )
+        name = label_key(item)
+        if not name:
+            raise DataError(
+                f"{origin}: label list {items!r} in column {column!r} holds an empty label (a delimiter "
+                "at the start or end, or two in a row?)"
+            )
+        if name in names:
+            raise DataError(f"{origin}: label {name!r} occurs twice in the row's labels {items!r}")
+        names.append(name)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,6 +599,8 @@ def load_hub(
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{name}[{hub_split}] row {i}: empty text")
             label = names[rec[label_col]] if names else rec[label_col]
+            if isinstance(label, list):  # multi-label datasets (label names as strings)
+                label = check_label_list(label, f"{name}[{hub_split}]:{i}", label_col)
             rows.append({"text": text, "label": label, "origin": f"{name}[{hub_split}]:{i}"})
             if pair_col:
                 rows[-1]["text_pair"] = pair_text(rec[pair_col], rows[-1]["origin"], pair_col)
@@ -611,7 +654,11 @@ def stratified_split(rows: list[Row], fraction: float, seed: int) -> tuple[list[
 
     labels = [str(r["label"]) for r in rows]
     values = [r["label"] for r in rows]
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values) and len(set(values)) > 20:
+    if values and isinstance(values[0], list):
+        labels = rarest_labels(values)
+    elif (
+        all(isinstance(v, int | float) and not isinstance(v, bool) for v in values) and len(set(values)) > 20
+    ):
         # Ratings on a fine scale (regression): stratify by the quintile each value falls in.
         edges = np.quantile(values, [0.2, 0.4, 0.6, 0.8])
         labels = [str(int(np.searchsorted(edges, v, side="right"))) for v in values]
@@ -624,6 +671,21 @@ def stratified_split(rows: list[Row], fraction: float, seed: int) -> tuple[list[
     except ValueError:  # too few rows per class for the requested size
         keep, held = train_test_split(rows, test_size=fraction, random_state=seed)
     return keep, held
+
+
+def rarest_labels(label_sets: list[list[str]]) -> list[str]:
+    """The stratum of each multi-label row: its rarest label among `label_sets` ("" for no label).
+
+    Stratifying by the whole label set would leave most sets with one row (no stratification at all);
+    by the rarest label, every rare label reaches each split in proportion, and common labels follow
+    with the many rows that carry them. Strata of one row are pooled (sklearn needs 2 per stratum)."""
+    counts = Counter(name for names in label_sets for name in names)
+    strata = [min(names, key=lambda n: (counts[n], n)) if names else "" for names in label_sets]
+    sizes = Counter(strata)
+    pooled = [s if sizes[s] > 1 else "\x00rare" for s in strata]
+    if Counter(pooled)["\x00rare"] == 1:  # a single pooled row joins the largest stratum
+        pooled = [s if s != "\x00rare" else sizes.most_common(1)[0][0] for s in pooled]
+    return pooled
 
 
 def fingerprint(splits: dict[str, list[Row]]) -> str:
@@ -654,9 +716,15 @@ def rating(row: Row) -> float:
     return value
 
 
+def row_labels(label: object) -> list[str]:
+    """A row's label names: the list of a multi-label row, one name otherwise."""
+    return label if isinstance(label, list) else [label_key(label)]
+
+
 def label_maps(labels: list[object]) -> tuple[dict[str, int], dict[int, str]]:
-    """label2id/id2label from the training labels; numeric names sort numerically, others alphabetically."""
-    names = sorted({label_key(x) for x in labels})
+    """label2id/id2label from the training labels (names, or label lists of multi-label rows);
+    numeric names sort numerically, others alphabetically."""
+    names = sorted({name for x in labels for name in row_labels(x)})
     if all(re.fullmatch(r"-?\d+", n) for n in names):
         names.sort(key=int)
     label2id = {n: i for i, n in enumerate(names)}
@@ -668,8 +736,7 @@ def check_labels(splits: dict[str, list[Row]], label2id: dict[str, int], add_uns
     `add_unseen`, in which case they are appended to the label set (returned) and logged."""
     added = []
     for split in ("validation", "test"):
-        for row in splits.get(split, []):
-            key = label_key(row["label"])
+        for row, key in ((r, k) for r in splits.get(split, []) for k in row_labels(r["label"])):
             if key in label2id:
                 continue
             if not add_unseen:
@@ -683,6 +750,49 @@ def check_labels(splits: dict[str, list[Row]], label2id: dict[str, int], add_uns
                 "label %r first seen at %s: added (the model never trains on it)", key, row["origin"]
             )
     return added
+
+
+def label_targets(splits: dict[str, list[Row]], label2id: dict[str, int]) -> dict[str, list]:
+    """Per split, each row's training target: its label id, or for multi-label rows (label lists) a
+    0/1 float per label in id order (BCE takes float targets)."""
+    out = {}
+    for split, rows in splits.items():
+        if rows and isinstance(rows[0]["label"], list):
+            out[split] = [[float(n in names) for n in label2id] for names in (set(r["label"]) for r in rows)]
+        else:
+            out[split] = [label2id[label_key(r["label"])] for r in rows]
+    return out
+
+
+def resolve_multi_label(splits: dict[str, list[Row]], multi_label: str, source: str) -> bool:
+    """Whether the rows are multi-label, from their labels and `multi_label` (auto, true or false).
+
+    auto: multi-label when every row has a label list, single-label when none has; a mix is an error
+    naming the first row of the kind that is fewer. true: single labels become one-label lists.
+    false: a list is an error naming its row. Rows are changed in place for true."""
+    rows = [r for split in SPLITS for r in splits.get(split, [])]
+    lists = [r for r in rows if isinstance(r["label"], list)]
+    if multi_label == "true":
+        for r in rows:
+            r["label"] = row_labels(r["label"])
+        return True
+    if not lists:
+        return False
+    if multi_label == "false":
+        raise DataError(
+            f"{lists[0]['origin']}: label {lists[0]['label']!r} is a list, but --multi_label is false: "
+            "pass --multi_label auto (or true) to train on label lists"
+        )
+    if len(lists) == len(rows):
+        return True
+    scalars = [r for r in rows if not isinstance(r["label"], list)]
+    odd, usual = (scalars, lists) if len(scalars) <= len(lists) else (lists, scalars)
+    raise DataError(
+        f"{odd[0]['origin']}: label {odd[0]['label']!r}, while {len(usual)} of the {len(rows)} rows of "
+        f"{source} (first: {usual[0]['origin']}) have {'label lists' if usual is lists else 'one label'}: "
+        'mixed rows are ambiguous. Give every row a list (["x"] for one label, [] for none), or pass '
+        "--multi_label true to read single labels as one-label lists"
+    )
 
 
 def to_datasets(splits: dict[str, list[Row]], preprocess=None) -> datasets.DatasetDict:
@@ -729,8 +839,13 @@ def load_text_splits(
     validation_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_seed: int = 42,
+    multi_label: str = "false",
+    label_delimiter: str | None = None,
 ) -> tuple[dict[str, list[Row]], LoadStats]:
     """Load train/validation/test rows from whichever source is given, then dedupe and split.
+
+    `multi_label` (auto, true, false) and `label_delimiter` say whether rows may carry label lists
+    (`resolve_multi_label`; `stats.multi_label` gives the answer); class folders are single-label.
 
     Source precedence: files, then `data_dir`, then `dataset_name` (a built-in corpus name, a hub
     dataset, or `sklearn/20newsgroups`). Splits that are missing are carved out of train
@@ -747,13 +862,22 @@ def load_text_splits(
             f"--text_pair_column needs table files (--train_file) or a hub dataset: {data_dir or dataset_name} "
             "holds one text per document, no pairs"
         )
+    if multi_label not in ("auto", "true", "false"):
+        raise DataError(f"--multi_label {multi_label!r}: choose auto, true or false")
+    if label_delimiter is not None and (multi_label == "false" or not label_delimiter):
+        raise DataError(
+            "--label_delimiter splits label cells into lists: it needs --multi_label auto or true"
+        )
+    if multi_label == "true" and not train_file:
+        raise DataError("--multi_label true needs table files (--train_file) with label lists")
     if train_file:
         splits = {}
         for split, f in zip(SPLITS, (train_file, validation_file, test_file), strict=True):
             if f:
                 splits[split], text_column, label_column = read_table(
-                    f, text_column, label_column, encoding, encoding_errors, text_pair_column=text_pair_column
-                )
+                    f, text_column, label_column, encoding, encoding_errors, text_pair_column=text_pair_column,
+                    multi_label=multi_label != "false", label_delimiter=label_delimiter,
+                )  # fmt: skip
         stats.source = str(train_file)
     elif validation_file or test_file:
         raise DataError("--validation_file/--test_file need --train_file too")
@@ -778,6 +902,7 @@ def load_text_splits(
         )
     if "train" not in splits:
         raise DataError(f"{stats.source}: no training split found")
+    stats.multi_label = resolve_multi_label(splits, multi_label, stats.source)
 
     made = [s for s in ("validation", "test") if s not in splits]
     if made:
@@ -816,7 +941,7 @@ def load_text_splits(
     stats.rows = {s: len(r) for s, r in splits.items()}
     if text_pair_column:
         stats.columns = {"text_column": text_column, "text_pair_column": text_pair_column}
-    n_classes = len({label_key(r["label"]) for r in splits["train"]})
+    n_classes = len({name for r in splits["train"] for name in row_labels(r["label"])})
     if n_classes < 2:
         raise DataError(
             f"{stats.source}: the training data has {n_classes} class(es); classification needs at least 2"

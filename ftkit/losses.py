@@ -1,4 +1,5 @@
-"""Class-weighted cross-entropy for imbalanced classes, passed to `Trainer(compute_loss_func=...)`."""
+"""Weighted losses passed to `Trainer(compute_loss_func=...)`: class-weighted cross-entropy for imbalanced
+classes, BCE with per-label positive weights for rare labels of multi-label data."""
 
 from __future__ import annotations
 
@@ -66,3 +67,75 @@ def weighted_cross_entropy(weights: Sequence[float]) -> Callable:
         return total / n
 
     return loss
+
+
+# --pos_weight auto: a label's positives weigh negatives/positives of its training rows, at most this
+# much (a label with 2 positives in 5,000 rows would otherwise weigh 2,500 and swamp the batch).
+POS_WEIGHT_CAP = 10.0
+
+
+def pos_weights(spec: str | None, targets: np.ndarray, names: list[str]) -> list[float] | None:
+    """Per-label weights of the positive rows in the multi-label loss, in the order of `names`.
+
+    `auto`: negatives / positives of each label in the training targets (N, L), capped at
+    POS_WEIGHT_CAP (a label with no positive gets 1). Otherwise a comma list of one positive number
+    per label. No `spec`: None (plain BCE)."""
+    if not spec:
+        return None
+    if spec == "auto":
+        pos = targets.sum(axis=0)
+        weights = [min(POS_WEIGHT_CAP, float((len(targets) - p) / p)) if p else 1.0 for p in pos]
+    else:
+        try:
+            weights = [float(x) for x in spec.split(",")]
+        except ValueError:
+            weights = []
+        if len(weights) != len(names) or any(not np.isfinite(w) or w <= 0 for w in weights):
+            raise DataError(
+                f"--pos_weight {spec!r}: expected 'auto' or one positive number per label in label order "
+                f"({', '.join(names)})"
+            )
+    logger.info(
+        "positive weights per label: %s", {n: round(w, 3) for n, w in zip(names, weights, strict=True)}
+    )
+    return weights
+
+
+def weighted_bce(pos_weight: Sequence[float]) -> Callable:
+    """A `compute_loss_func` for `transformers.Trainer`: BCE with logits, positives of label j weighted
+    by `pos_weight[j]`, summed and divided by the label decisions of the (accumulated) batch that
+    Trainer counts (`num_items_in_batch`: rows x labels), i.e. the model's own mean BCE when all are 1."""
+    weight = torch.tensor(list(pos_weight), dtype=torch.float32)
+
+    def loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        total = F.binary_cross_entropy_with_logits(
+            logits.float(), labels.float(), pos_weight=weight.to(logits.device), reduction="sum"
+        )
+        return total / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+
+    return loss
+
+
+def multi_label_loss(
+    spec: str | None, train_targets: list, names: list[str], training_args
+) -> Callable | None:
+    """The `compute_loss_func` of a textcls run: `weighted_bce` for multi-label targets (rows of 0/1)
+    with `--pos_weight`, else None (the model's own loss: BCE for multi-label, cross-entropy otherwise).
+
+    Refused: --pos_weight on single-label data, and label smoothing on multi-label data (transformers
+    would drop it with a warning, or ignore it beside a `compute_loss_func`)."""
+    targets = np.asarray(train_targets, dtype=np.float32)
+    if targets.ndim != 2:
+        if spec:
+            raise DataError(
+                "--pos_weight weights the positives of multi-label data; these rows have one label"
+            )
+        return None
+    if training_args.label_smoothing_factor:
+        raise DataError(
+            "--label_smoothing_factor applies to single-label cross-entropy; multi-label data trains with "
+            "BCE, where transformers would drop it: leave it at 0"
+        )
+    weights = pos_weights(spec, targets, names)
+    return weighted_bce(weights) if weights else None

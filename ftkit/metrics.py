@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, hamming_loss
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -12,6 +12,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function (multi-label: one independent probability per label), stable."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -logits))
 
 
 def exact_eval_loss(predictions, label_ids) -> float:
@@ -23,11 +29,15 @@ def exact_eval_loss(predictions, label_ids) -> float:
     instead of 12.96 on 7 samples). Return this value as "loss" from `compute_metrics`: Trainer prefixes it
     and reports it as `eval_loss` in place of its own.
 
-    Float labels: mean squared error (regression, `num_labels=1`). Integer labels: cross-entropy over the
-    last axis ignoring -100, i.e. the mean over labelled tokens for token classification.
+    Float labels: mean squared error (regression, `num_labels=1`), or for 0/1 label rows of the logits'
+    shape (multi-label) binary cross-entropy with logits, the mean over labels and rows. Integer labels:
+    cross-entropy over the last axis ignoring -100, i.e. the mean over labelled tokens for token
+    classification.
     """
     logits = torch.as_tensor(predictions[0] if isinstance(predictions, tuple) else predictions).float()
     labels = torch.as_tensor(label_ids)
+    if labels.is_floating_point() and labels.ndim == 2 and labels.shape == logits.shape:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float()).item()
     if labels.is_floating_point():
         return torch.nn.functional.mse_loss(logits.reshape(labels.shape), labels.float()).item()
     flat = logits.reshape(-1, logits.shape[-1])
@@ -42,6 +52,30 @@ def classification_scores(labels: np.ndarray, preds: np.ndarray, num_labels: int
         "macro_f1": float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(labels, preds, labels=classes, average="weighted", zero_division=0)),
     }
+
+
+def multi_label_scores(gold: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Micro-F1 (every label decision counts the same), macro-F1 (every label counts the same; a label
+    with no gold and no predicted rows scores 0), weighted F1, subset accuracy
+    (the whole label set right) and Hamming loss (the share of wrong label decisions)."""
+    gold, pred = np.asarray(gold) > 0.5, np.asarray(pred).astype(bool)
+    scores = {
+        avg_name: float(f1_score(gold, pred, average=avg, zero_division=0))
+        for avg_name, avg in (("micro_f1", "micro"), ("macro_f1", "macro"), ("weighted_f1", "weighted"))
+    }
+    scores["subset_accuracy"] = float((gold == pred).all(axis=1).mean())
+    scores["hamming_loss"] = float(hamming_loss(gold, pred))
+    return scores
+
+
+def decision_scores(
+    gold: np.ndarray, probs: np.ndarray, num_labels: int, thresholds: np.ndarray | None = None
+) -> dict[str, float]:
+    """Scores of class probabilities: `classification_scores` of the most probable class, or with
+    per-label `thresholds` (multi-label) `multi_label_scores` of every label that reaches its threshold."""
+    if thresholds is None:
+        return classification_scores(gold, np.asarray(probs).argmax(-1), num_labels)
+    return multi_label_scores(gold, np.asarray(probs) >= thresholds)
 
 
 def per_class_report(labels: np.ndarray, preds: np.ndarray, names: list[str]) -> tuple[dict, str]:

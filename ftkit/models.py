@@ -17,12 +17,14 @@ from transformers import (
 )
 
 from ftkit import DataError
+from ftkit.multilabel import MULTI_LABEL
 from ftkit.packages import default_model_path
 
 logger = logging.getLogger(__name__)
 
 MODEL_CLASSES = {
     "text-classification": AutoModelForSequenceClassification,
+    MULTI_LABEL: AutoModelForSequenceClassification,
     "regression": AutoModelForSequenceClassification,
     "token-classification": AutoModelForTokenClassification,
 }

@@ -15,8 +15,9 @@ from ftkit import DataError
 from ftkit.data import decode, read_table, split_lines
 from ftkit.metrics import softmax
 from ftkit.models import MODEL_CLASSES, resolve_model_path
+from ftkit.multilabel import MULTI_LABEL, run_thresholds
 from ftkit.run import read_run_info
-from ftkit.text import encode_texts, match_token_types, pad_batch
+from ftkit.text import encode_texts, match_token_types, pad_batch, pool_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def predict_texts(
     progress: bool = True,
     pairs: list[str] | None = None,
 ) -> np.ndarray:
-    """Class probabilities (N, C), or scores (N,) for regression, in the order of `texts`.
+    """Class probabilities (N, C) (multi-label: one per label), or scores (N,) for regression, in the
+    order of `texts`.
 
     Inputs are sorted by length so each batch pads to a similar length; with the `chunks` policy
     the windows of one text are scored and their probabilities averaged into one prediction. A run
@@ -142,6 +144,8 @@ def predict_texts(
         for i, row in zip(idx, logits, strict=True):
             outputs[i] = row
     logits = np.stack(outputs)
+    if info["task"] == MULTI_LABEL:  # the recipe's pooling: mean logit over a text's windows, then sigmoid
+        return pool_probabilities(logits, enc["chunk_of"], multi_label=True)
     # `temperature` is set by runs calibrated on their validation set (sentiment --calibrate); 1 = as trained.
     scores = logits[:, 0] if info["task"] == "regression" else softmax(logits / info.get("temperature", 1.0))
     # Pool chunk rows back to one row per input text.
@@ -206,15 +210,20 @@ def prediction_rows(
     gold: list | None = None,
     pairs: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One output record per input: label and per-class probabilities (or a score for regression),
-    after the `gold` label or rating when given (the recipes' test_predictions.jsonl); for sentence
-    pairs the second text follows the first (`text_pair`)."""
+    """One output record per input: label and per-class probabilities (or a score for regression;
+    multi-label: `labels`, each label whose probability reaches its threshold in `info["thresholds"]`),
+    after the `gold` label, labels or rating when given (the recipes' test_predictions.jsonl); for
+    sentence pairs the second text follows the first (`text_pair`)."""
     rows = []
+    cut = run_thresholds(info) if info["task"] == MULTI_LABEL else None
     for i, (origin, text, s) in enumerate(zip(origins, texts, scores, strict=True)):
         row: dict[str, Any] = {} if gold is None else {"gold": gold[i]}
         row |= {"origin": origin, "text": text} | ({} if pairs is None else {"text_pair": pairs[i]})
         if info["task"] == "regression":
             row["score"] = float(s)
+        elif cut is not None:
+            row["labels"] = [n for n, p, t in zip(info["labels"], s, cut, strict=True) if p >= t]
+            row.update({f"p_{n}": round(float(p), 6) for n, p in zip(info["labels"], s, strict=True)})
         else:
             names = info["labels"]
             row["label"] = names[int(np.argmax(s))]

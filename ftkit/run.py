@@ -43,7 +43,8 @@ MANIFEST_PACKAGES = (
 # The options a model card lists (those a run has); config.yaml in the run directory holds all.
 CARD_HYPERPARAMETERS = (
     "task", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "max_length",
-    "long_text", "stride", "max_chunks", "context", "decode", "case_feature", "class_weights", "calibrate", "lr_scheduler_type",
+    "long_text", "stride", "max_chunks", "context", "decode", "case_feature", "class_weights", "calibrate", "multi_label",
+    "pos_weight", "lr_scheduler_type",
     "warmup_steps", "weight_decay", "use_lora", "lora_r", "seed",
 )  # fmt: skip
 
@@ -438,7 +439,12 @@ def usage(run_dir: Path, info: dict[str, Any]) -> str:
         columns = f"{info.get('text_column') or 'text'}, {info['text_pair_column']}"
         text = f"ftkit predict {run_dir} --input pairs.csv  # columns {columns}, as in training"
     text += f"\n# or: transformers.pipeline('text-classification', model='{run_dir}'"
-    text += ", function_to_apply='none')  # the rating" if info["task"] == "regression" else ")"
+    if info["task"] == "regression":
+        text += ", function_to_apply='none')  # the rating"
+    elif info.get("thresholds"):  # multi-label
+        text += ", top_k=None)  # each label's probability; ftkit predict applies the run's thresholds"
+    else:
+        text += ")"
     if info.get("text_pair_column"):
         text += "\n#     called with {'text': first, 'text_pair': second} per input"
     if info.get("temperature", 1) != 1:

@@ -310,6 +310,18 @@ def pool_chunks(scores: np.ndarray, owner: Sequence[int]) -> np.ndarray:
     return sums / counts.reshape(-1, *([1] * (scores.ndim - 1)))
 
 
+def pool_probabilities(logits: np.ndarray, owner: Sequence[int], multi_label: bool = False) -> np.ndarray:
+    """One row of class probabilities per input from the logits of its rows (`owner`, see `pool_chunks`).
+
+    Single-label: a softmax per row, then the mean over an input's rows. Multi-label: the mean logit of
+    each label over an input's rows, then a sigmoid per label (the average evidence of its windows)."""
+    from ftkit.metrics import sigmoid, softmax
+
+    if multi_label:
+        return sigmoid(pool_chunks(logits, owner))
+    return pool_chunks(softmax(logits), owner)
+
+
 def pad_batch(columns: dict[str, Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch of token rows to its longest row: `input_ids` with `pad_id`, every other column
     (e.g. `token_type_ids`) with 0, plus an `attention_mask` of 1 on real tokens."""

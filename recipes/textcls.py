@@ -8,10 +8,12 @@ Copy-paste commands:
     python recipes/textcls.py --train_file nli.csv --text_column premise --text_pair_column hypothesis  # pairs
     python recipes/textcls.py --dataset_name SetFit/20_newsgroups --model_name_or_path bert-base-uncased  # online
     python recipes/textcls.py --config recipes/configs/textcls_lora.yaml --merge_lora
+    python recipes/textcls.py --train_file tagged.jsonl --text_column text --label_column tags  # multi-label: lists
     accelerate launch --multi_gpu --num_processes 2 recipes/textcls.py --max_steps 50   # 2 CPU ranks (gloo)
 
 The run directory (runs/textcls/<timestamp>/) holds the model (safetensors), tokenizer, adapter for
 LoRA runs, all_results.json, per-class report, test predictions, plots, model card and manifest.
+Multi-label runs (label lists) also hold each label's decision threshold, tuned on validation.
 """
 
 from __future__ import annotations
@@ -30,25 +32,27 @@ from transformers import (
 
 from ftkit import DataError, error_exit
 from ftkit.augment import AugmentArguments, augment_texts
-from ftkit.baseline import baseline
+from ftkit.baseline import MAIN_METRIC, baseline
 from ftkit.config import TRAINER_DEFAULTS, parse_args
 from ftkit.data import (
     TextSource,
     check_labels,
     fingerprint,
-    label_key,
     label_maps,
+    label_targets,
     load_text_splits,
     pair_texts,
     to_datasets,
 )
-from ftkit.metrics import classification_scores, confusion, exact_eval_loss, per_class_report, softmax
+from ftkit.losses import multi_label_loss
+from ftkit.metrics import confusion, decision_scores, exact_eval_loss, per_class_report, sigmoid
 from ftkit.models import ModelArguments, add_lora, load_model, load_tokenizer, lora_config, resolve_model_path
+from ftkit.multilabel import MULTI_LABEL, label_names, tune_thresholds
 from ftkit.predict import prediction_rows
 from ftkit.reliability import CrashSafeCheckpoints, NonFiniteError, NonFiniteGuard, resume_checkpoint
 from ftkit.run import RunArguments, save_run, start_run
 from ftkit.speed import SpeedArguments, speed_up
-from ftkit.text import count_truncated, decide_long_text, encode_texts, pool_chunks
+from ftkit.text import count_truncated, decide_long_text, encode_texts, pool_probabilities
 from ftkit.training import decide_training, early_stopping, predict_in_row_order, train_token_stats
 
 NAME, TASK = "textcls", "text-classification"
@@ -80,6 +84,24 @@ class DataArguments:
     )
     early_stopping_patience: int = field(
         default=2, metadata={"help": "Evaluations without macro-F1 improvement before stopping."}
+    )
+    multi_label: str = field(
+        default="auto",
+        metadata={
+            "help": "Label lists (JSON/JSONL lists, or CSV/TSV cells split by --label_delimiter): auto (multi-"
+            "label when every row has a list), true (single labels become one-label lists), or false.",
+            "choices": ["auto", "true", "false"],
+        },
+    )
+    label_delimiter: str | None = field(
+        default=None, metadata={"help": "CSV/TSV multi-label cells: the text between labels, e.g. '|'."}
+    )
+    pos_weight: str | None = field(
+        default=None,
+        metadata={
+            "help": "Multi-label: weight of each label's positive rows in the BCE loss: auto (negatives/"
+            "positives of the label in training, at most 10) or one number per label. Default: none."
+        },
     )
 
 
@@ -116,12 +138,15 @@ def main(argv: list[str] | None = None) -> dict:
     # [end shared]
 
     # ---- Data: load, check labels, tokenize -------------------------------------------------
-    splits, stats = load_text_splits(**vars(source))
+    splits, stats = load_text_splits(
+        **vars(source), multi_label=data_args.multi_label, label_delimiter=data_args.label_delimiter
+    )
+    multi, task = stats.multi_label, MULTI_LABEL if stats.multi_label else TASK  # label lists: sigmoid + BCE
     label2id, _ = label_maps([r["label"] for r in splits["train"]])
     added_labels = check_labels(splits, label2id, data_args.add_unseen_labels)
     names = list(label2id)
     splits["train"], augmented = augment_texts(splits["train"], aug_args, training_args.seed)  # train only
-    target = {split: [label2id[label_key(r["label"])] for r in rows] for split, rows in splits.items()}
+    target = label_targets(splits, label2id)  # label ids; multi-label: a 0/1 row per text
     logger.info("data: %s; %d classes; rows %s", stats.source, len(names), stats.rows)
 
     tokenizer = load_tokenizer(model_path, model_args.trust_remote_code)
@@ -148,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     # CPU speed options and the precision, by measurement (recipes/README.md, "Speed on a CPU")
     speed, training_args = speed_up(model, speed_args, training_args, options)
     # [end shared]
+    model.config.problem_type = "multi_label_classification" if multi else None  # BCE for label lists
     model = add_lora(model, lora_config(model_args, TASK))
     training_args = decide_training(options, training_args, model_args, len(ds["train"]))
     # [shared: classification-callbacks]
@@ -160,7 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     def compute_metrics(pred):
         # Per row; with `chunks` per window (model selection). The reported eval/test metrics are per input.
         logits, labels = pred
-        scores = classification_scores(labels, logits.argmax(-1), len(names))
+        if multi:  # each label at its F1-best threshold on these rows, as the tuning after training sets it
+            probs = sigmoid(logits)
+            scores = decision_scores(labels, probs, len(names), tune_thresholds(probs, labels))
+        else:
+            scores = decision_scores(labels, logits, len(names))  # accuracy and F1 of the most probable class
         # Reported as eval_loss: Trainer's own counts the rows a multi-process run repeats as padding.
         return {**scores, "loss": exact_eval_loss(logits, labels)}
 
@@ -174,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
         callbacks=callbacks,
+        compute_loss_func=multi_label_loss(data_args.pos_weight, target["train"], names, training_args),
     )
 
     # ---- Train, evaluate, test -----------------------------------------------------------------
@@ -183,43 +214,46 @@ def main(argv: list[str] | None = None) -> dict:
     results = dict(train_result.metrics)
     results.update(train_token_stats(trainer, results["train_runtime"], resumed_from=checkpoint))
     # [end shared]
-    final = {}
+    final, thresholds = {}, None
     for split, prefix in (("validation", "eval"), ("test", "test")):
         out = predict_in_row_order(trainer, ds[split], metric_key_prefix=prefix)
         results.update(out.metrics)  # loss and speed per row; the scores below replace the per-row ones
-        final[prefix] = pool_chunks(softmax(out.predictions), ds[split]["text_index"])
-        scores = classification_scores(np.asarray(target[split]), final[prefix].argmax(-1), len(names))
+        final[prefix] = pool_probabilities(out.predictions, ds[split]["text_index"], multi)
+        if multi and prefix == "eval":  # per-label thresholds from the validation rows only; test reuses them
+            thresholds = tune_thresholds(final[prefix], target[split])
+        scores = decision_scores(np.asarray(target[split]), final[prefix], len(names), thresholds)
         results |= {f"{prefix}_{k}": v for k, v in scores.items()}
-    results |= baseline(splits, TASK, results)  # TF-IDF + LinearSVC on the same rows
+    results |= baseline(splits, task, results)  # TF-IDF + a linear model on the same rows
     results.update({f"{split}_truncated": n for split, n in truncated.items()})
     if data_args.long_text == "chunks":
         results.update({f"{split}_chunk_rows": len(ds[split]) for split in ds})
     results.update({**stats.as_results(), "added_labels": added_labels, **speed, **augmented})
 
     # ---- Save the run directory (main process only) ---------------------------------------------
-    info = {"task": TASK, "max_length": data_args.max_length, "long_text": data_args.long_text}
+    info = {"task": task, "max_length": data_args.max_length, "long_text": data_args.long_text}
     info |= {"stride": data_args.stride, "max_chunks": data_args.max_chunks, "labels": names}
     info |= stats.columns  # sentence pairs: the text and pair columns, for ftkit predict
+    info |= {"thresholds": dict(zip(names, thresholds.tolist(), strict=True))} if multi else {}
     probs, gold, test_rows = final["test"], np.asarray(target["test"]), splits["test"]
-    preds = probs.argmax(-1)
+    preds = probs >= thresholds if multi else probs.argmax(-1)
     save_run(
         run_dir, trainer, tokenizer, options=options,
         args=(source, data_args, aug_args, model_args, speed_args, run_args, training_args),
         info=info, results=results,
         predictions=prediction_rows(
-            [r["origin"] for r in test_rows], [r["text"] for r in test_rows], probs, info, [names[g] for g in gold],
+            [r["origin"] for r in test_rows], [r["text"] for r in test_rows], probs, info, label_names(gold, names),
             pairs=pair_texts(test_rows),
         ),
-        report=per_class_report(gold, preds, names),
-        confusion=(confusion(gold, preds, len(names)), names),
+        report=per_class_report(gold.astype(int), preds.astype(int), names),
+        confusion=None if multi else (confusion(gold, preds, len(names)), names),
         curve_metric="macro_f1",
         fingerprint=fingerprint(splits),
         title=f"Text classification: {stats.source}",
         data=stats.card(classes=", ".join(names)),
     )  # fmt: skip
     logger.info(
-        "test accuracy %.4f, macro-F1 %.4f; run directory: %s",
-        results["test_accuracy"], results["test_macro_f1"], run_dir,
+        "test %s %.4f, macro-F1 %.4f; run directory: %s",  # accuracy; multi-label: micro-F1
+        MAIN_METRIC[task][0], results[f"test_{MAIN_METRIC[task][0]}"], results["test_macro_f1"], run_dir,
     )  # fmt: skip
     return results
 

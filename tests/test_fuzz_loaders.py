@@ -118,8 +118,8 @@ def test_csv_with_a_bom_and_a_huge_cell(tmp_path):
     [
         ('{"text": "t", "label": true}', "is a boolean"),
         ('{"text": "t", "label": NaN}', "empty or missing label"),
-        ('{"text": "t", "label": [1]}', "multi-label data is not supported yet"),
-        ('{"text": "t", "label": "[\'sport\']"}', "looks like a list: multi-label"),
+        ('{"text": "t", "label": [1]}', "is a list, and this data is read as single-label"),
+        ('{"text": "t", "label": "[\'sport\']"}', "looks like a list written as text"),
         ('{"text": "t", "label": "nan"}', "empty or missing label"),
     ],
 )
