@@ -54,6 +54,8 @@ def _typed(key: str, value: Any, action, path: Path) -> Any:
         if isinstance(value, bool):
             return value
         raise DataError(f"{path}: {key}: expected true or false, got {value!r}")
+    if isinstance(value, bool) and action.choices and {"true", "false"} <= set(action.choices):
+        value = str(value).lower()  # a choice named true/false (e.g. --multi_label): the YAML word means it
     if action.nargs == "+" and not isinstance(value, list):
         value = [value]
     for item in value if isinstance(value, list) else [value]:

@@ -77,6 +77,9 @@ def test_yaml_values_are_typed_and_checked(tmp_path):
         cfg.write_text(text)
         with pytest.raises(DataError, match=message):
             parse(["--config", str(cfg)])
+    cfg.write_text("multi_label: true\n")  # a choice named true: the YAML boolean means that choice
+    args, _ = parse_args(textcls.ARGUMENTS, ["--config", str(cfg)], defaults=textcls.DEFAULTS)
+    assert next(a for a in args if hasattr(a, "multi_label")).multi_label == "true"
 
 
 def test_origins_say_who_set_each_value_and_decisions_spare_user_values(tmp_path):
