@@ -138,12 +138,24 @@ def build(task: str, size: int) -> dict[str, Path]:
     return files
 
 
-def run(task: str, size: int, seed: int, augment: bool) -> dict:
+def equal_steps(case: dict) -> list[str]:
+    """The case's training options with (1 + copies) times the epochs: a plain run that takes as many
+    optimizer steps as the augmented one (which trains on 1 + copies rows per original row)."""
+    train, flags = list(case["train"]), case["augment"]
+    copies = int(flags[flags.index("--augment_copies") + 1])
+    i = train.index("--num_train_epochs") + 1
+    train[i] = str(int(train[i]) * (1 + copies))
+    return train
+
+
+def run(task: str, size: int, seed: int, augment: bool, same_steps: bool = False) -> dict:
     case, files = CASES[task], build(task, size)
-    out = OUT / f"{task}-{size}-seed{seed}-{'aug' if augment else 'plain'}"
+    name = "aug" if augment else "plain-same-steps" if same_steps else "plain"
+    out = OUT / f"{task}-{size}-seed{seed}-{name}"
+    train = equal_steps(case) if same_steps else case["train"]
     args = ["--train_file", str(files["train"]), "--validation_file", str(files["validation"]),
             "--test_file", str(files["test"]), "--output_dir", str(out), "--seed", str(seed),
-            *COMMON, *case["train"], *(case["augment"] if augment else [])]  # fmt: skip
+            *COMMON, *train, *(case["augment"] if augment else [])]  # fmt: skip
     cmd = [sys.executable, str(ROOT / "recipes" / f"{task}.py"), *args]
     started = datetime.datetime.now(datetime.UTC)
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -151,6 +163,7 @@ def run(task: str, size: int, seed: int, augment: bool) -> dict:
     metric = case["metric"]
     record = {
         "task": task, "size": size, "seed": seed, "augment": " ".join(case["augment"]) if augment else "",
+        "epochs": float(train[train.index("--num_train_epochs") + 1]), "same_steps": same_steps,
         f"test_{metric}": results[f"test_{metric}"], f"eval_{metric}": results[f"eval_{metric}"],
         "rows_added": results.get("augment_rows_added", 0), "train_rows": results.get("augment_train_rows", size),
         "started": started.isoformat(timespec="seconds"), "cpu": cpu_name(), "load": os.getloadavg(),
@@ -171,25 +184,37 @@ def cpu_name() -> str:
 
 
 def table() -> str:
-    """Mean (min-max) test metric over seeds, per task and size, without and with augmentation."""
+    """Mean ± sd test metric over seeds, per task and size: without augmentation (same epochs, and
+    as many optimizer steps as the augmented run), and with it."""
     records = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.is_file() else []
     lines = [
-        "| task | train rows | metric | seeds | without | with --augment | gain |",
-        "|---|---:|---|---|---:|---:|---:|",
+        "| task | train rows | metric | seeds | without | without, as many steps | with --augment | gain over same epochs | gain over same steps |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for task in CASES:
         metric = f"test_{CASES[task]['metric']}"
         for size in sorted({r["size"] for r in records if r["task"] == task}):
-            pair = {aug: {r["seed"]: r[metric] for r in records if r["task"] == task and r["size"] == size
-                          and bool(r["augment"]) == aug} for aug in (False, True)}  # fmt: skip
-            seeds = sorted(set(pair[False]) & set(pair[True]))
+            by = {k: {} for k in ("plain", "steps", "aug")}  # the last record of a seed wins
+            for r in records:
+                if r["task"] == task and r["size"] == size:
+                    kind = "aug" if r["augment"] else "steps" if r.get("same_steps") else "plain"
+                    by[kind][r["seed"]] = r[metric]
+            seeds = sorted(set(by["plain"]) & set(by["aug"]))
             if not seeds:
                 continue
-            a, b = (np.array([pair[k][s] for s in seeds]) for k in (False, True))
-            cell = lambda v: f"{v.mean():.4f} ({v.min():.4f}-{v.max():.4f})"  # noqa: E731
-            gain = f"{(b - a).mean():+.4f} ({sum(b > a)}/{len(seeds)} seeds up)"
+            ctrl = sorted(set(seeds) & set(by["steps"]))
+            a, b = (np.array([by[k][s] for s in seeds]) for k in ("plain", "aug"))
+            cell = lambda v: f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}"  # noqa: E731
+            gain = lambda x, y, n: f"{(y - x).mean():+.4f} ({sum(y > x)}/{n} seeds up)"  # noqa: E731
+            steps, over_steps = "not run", "not run"
+            if ctrl:
+                c = np.array([by["steps"][s] for s in ctrl])
+                bc = np.array([by["aug"][s] for s in ctrl])
+                steps = cell(c) + ("" if ctrl == seeds else f" (seeds {','.join(map(str, ctrl))})")
+                over_steps = gain(c, bc, len(ctrl))
             lines.append(
-                f"| {task} | {size} | {metric} | {','.join(map(str, seeds))} | {cell(a)} | {cell(b)} | {gain} |"
+                f"| {task} | {size} | {metric} | {','.join(map(str, seeds))} | {cell(a)} | {steps} | "
+                f"{cell(b)} | {gain(a, b, len(seeds))} | {over_steps} |"
             )
     return "\n".join(lines)
 
@@ -249,6 +274,11 @@ def main() -> None:
         "--tfidf", action="store_true", help="score with TF-IDF + LinearSVC instead (a proxy)"
     )
     parser.add_argument("--copies", type=int, default=1, help="--tfidf: augmented copies per row")
+    parser.add_argument(
+        "--same_steps",
+        action="store_true",
+        help="run only the control: without augmentation, (1 + copies) x the epochs (the augmented run's steps)",
+    )
     args = parser.parse_args()
     if args.tfidf:
         tfidf_proxy(args.task, args.sizes, args.seeds, args.copies)
@@ -258,6 +288,9 @@ def main() -> None:
         return
     for size in args.sizes:
         for seed in args.seeds:
+            if args.same_steps:
+                run(args.task, size, seed, augment=False, same_steps=True)
+                continue
             for augment in (False, True):
                 run(args.task, size, seed, augment)
 
