@@ -135,15 +135,17 @@ def load_predictor(
         from ftkit.choose import apply_runtime
         from ftkit.compress import load_torch_model, read_compress_record
 
-        source = read_compress_record(run_dir).get("source")
-        if read_compress_record(run_dir).get("format") == "onnx":
+        record = read_compress_record(run_dir)
+        if record.get("format") == "onnx":
+            source = f", {record['source']}" if record.get("source") else ""
             raise DataError(
                 f"{run_dir} holds an ONNX model: --variant {variant} needs a torch run "
-                f"(serve the run it was made from{f', {source}' if source else ''})"
+                f"(serve the run it was made from{source})"
             )
         model = apply_runtime(load_torch_model(run_dir), variant)
         tokenizer, info = run_tokenizer(run_dir), read_run_info(run_dir)
         described = {"name": variant, "from": "--variant"}
+    described["precision"] = described["name"].rsplit("-", 1)[-1]  # fp32, bf16 or int8
     return Predictor(model, tokenizer, info, described, str(run_dir), batch_size)
 
 

@@ -270,7 +270,7 @@ def test_the_choose_result_is_served_as_recorded(run_dir, tmp_path, monkeypatch)
     assert predictor.variant["name"] == "torch-int8" and "--choose" in predictor.variant["chosen_by"]
     got = predictor.predict(TEXTS, [str(i) for i in range(len(TEXTS))])
     assert without_origin(got) == without_origin(ftkit_predict(out, TEXTS, tmp_path))
-    assert load_predictor(out, "fp32").variant == {"name": "fp32", "from": "--variant"}
+    assert load_predictor(out, "fp32").variant == {"name": "fp32", "from": "--variant", "precision": "fp32"}
 
 
 def test_ner_entities_with_offsets_are_served_as_predicted(tiny_model, tmp_path):
