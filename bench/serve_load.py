@@ -87,10 +87,17 @@ def post(port: int, text: str) -> float:
     return time.perf_counter() - start
 
 
+def warm_up(port: int, texts: list[str], clients: int) -> None:
+    """Concurrent requests first: connections, allocator, ONNX Runtime's first runs at these shapes."""
+    threads = [threading.Thread(target=post, args=(port, texts[k % len(texts)])) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def load(port: int, texts: list[str], clients: int, seconds: float) -> dict:
     """`clients` threads sending back to back for `seconds`; figures over every request answered."""
-    for text in texts[: max(2, clients)]:  # warm-up: connections, allocator, ONNX Runtime's first runs
-        post(port, text)
     latencies: list[float] = []
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
@@ -158,9 +165,10 @@ def main(argv: list[str] | None = None) -> None:
                 about = json.loads(urlopen_text(port, "/metadata"))
                 for clients in map(int, args.clients.split(",")):
                     cell = {"run": str(run), "variant": about["variant"]["name"], "batching": batching}
+                    warm_up(port, texts, clients)
                     before = json.loads(urlopen_text(port, "/health"))
                     cell |= load(port, texts, clients, args.seconds)
-                    after = json.loads(urlopen_text(port, "/health"))  # warm-up included: a few texts
+                    after = json.loads(urlopen_text(port, "/health"))
                     texts_run, batches = (
                         after["texts"] - before["texts"],
                         after["batches"] - before["batches"],
