@@ -236,7 +236,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits(server):
             in_flight = pool.submit(server.predict, {"texts": TEXTS[:2]})
             server.wait_for_health(running=2)
             server.proc.send_signal(signal.SIGTERM)
-            server.wait_for_log("Shutting down")
+            server.wait_for_log("Waiting for connections to close")  # logged once the listener is closed
             with pytest.raises(ConnectionRefusedError):  # no new connections while draining
                 server.request("GET", "/health")
         finally:
