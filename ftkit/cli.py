@@ -203,14 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="fp32 linear layers of a plain run, as `ftkit predict --linear_backend`",
     )
-    p.add_argument("--max_batch_size", type=int, default=32, help="texts per model call; 1: no batching")
     p.add_argument(
-        "--max_wait_ms", type=float, default=5.0, help="how long a batch waits for more requests to join"
+        "--max_batch_size", type=int, default=32, help="texts per model call (default 32); 1: no batching"
     )
-    p.add_argument("--max_queue", type=int, default=256, help="requests waiting before 503 (Retry-After)")
-    p.add_argument("--max_body_bytes", type=int, default=1_000_000)
-    p.add_argument("--max_texts", type=int, default=256, help="texts per request")
-    p.add_argument("--max_text_chars", type=int, default=100_000, help="characters per text")
+    p.add_argument(
+        "--max_wait_ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests to join (default 5)",
+    )
+    p.add_argument(
+        "--max_queue",
+        type=int,
+        default=256,
+        help="requests waiting before 503 with Retry-After (default 256)",
+    )
+    p.add_argument("--max_body_bytes", type=int, default=1_000_000, help="else 413 (default 1000000)")
+    p.add_argument("--max_texts", type=int, default=256, help="texts per request, else 413 (default 256)")
+    p.add_argument(
+        "--max_text_chars", type=int, default=100_000, help="characters per text, else 413 (default 100000)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cp", help="copy a recipe (and its configs) out of the repository to adapt it")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 from ftkit.cli import main as cli
+from ftkit.serve import Batching
 
 LABELS = ["business", "sports", "tech"]
 TEXTS = [
@@ -165,7 +167,8 @@ def test_metadata_health_and_docs(server, run_dir):
     assert status == 200
     assert about["task"] == "text-classification" and about["labels"] == LABELS
     assert about["variant"]["name"] == "fp32" and about["long_text"] == {"max_length": 32}
-    assert about["limits"]["max_texts"] == LIMITS["max_texts"] and about["batching"]["max_batch_size"] == 32
+    assert about["limits"]["max_texts"] == LIMITS["max_texts"]
+    assert about["batching"] == {**asdict(Batching()), "max_queue": 2}  # the CLI's defaults are the library's
     assert about["versions"]["fastapi"] and about["versions"]["torch"]
     assert server.request("GET", "/health")[2]["status"] == "ok"
     status, _, page = server.request("GET", "/docs")
