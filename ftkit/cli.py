@@ -23,15 +23,7 @@ def recipes_dir() -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from ftkit.fastlinear import use_onednn_linear
-    from ftkit.predict import (
-        load_run,
-        predict_texts,
-        prediction_rows,
-        read_inputs,
-        read_pair_inputs,
-        run_tokenizer,
-    )
+    from ftkit.predict import load_for_inference, predict_rows, read_inputs, read_pair_inputs
     from ftkit.run import read_run_info, write_rows
 
     run_info, pairs = read_run_info(args.run_dir), None
@@ -45,28 +37,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         )
     else:
         texts, origins = read_inputs(args.input, args.text_column)
-    if (Path(args.run_dir) / "compress.json").is_file():
-        from ftkit.compress import load_compressed  # pruned, int8 or ONNX variants: their own paths
-
-        model, tokenizer, info = (
-            load_compressed(args.run_dir),
-            run_tokenizer(args.run_dir),
-            read_run_info(args.run_dir),
-        )
-    else:
-        model, tokenizer, info = load_run(args.run_dir)
-        use_onednn_linear(model, args.linear_backend)
-    if info["task"] == "token-classification":
-        from ftkit.ner import predict_entities  # the NER recipe's prediction path
-
-        rows = predict_entities(model, tokenizer, texts, origins, info, batch_size=args.batch_size)
-    elif info["task"] == "multi-task":
-        from ftkit.multitask import predict_multitask  # every head from one encoder pass
-
-        rows = predict_multitask(model, tokenizer, texts, origins, info, batch_size=args.batch_size)
-    else:
-        scores = predict_texts(model, tokenizer, texts, info, batch_size=args.batch_size, pairs=pairs)
-        rows = prediction_rows(origins, texts, scores, info, pairs=pairs)
+    model, tokenizer, info = load_for_inference(args.run_dir, args.linear_backend)
+    rows = predict_rows(model, tokenizer, texts, origins, info, args.batch_size, progress=True, pairs=pairs)
     out = Path(args.output or Path(args.run_dir) / f"predictions-{Path(args.input).stem}.jsonl")
     write_rows(rows, out)
     print(f"{len(rows)} predictions written to {out}")
@@ -191,6 +163,27 @@ def cmd_bench_predict(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ftkit.serve import Batching, Limits, serve
+
+    batching = Batching(args.max_batch_size, args.max_wait_ms, args.max_queue)
+    limits = Limits(args.max_body_bytes, args.max_texts, args.max_text_chars)
+    for name, value in {**vars(batching), **vars(limits)}.items():
+        if value < (0 if name == "max_wait_ms" else 1):
+            raise DataError(
+                f"--{name} must be {'>= 0' if name == 'max_wait_ms' else 'positive'}, got {value}"
+            )
+    serve(
+        args.run_dir,
+        host=args.host,
+        port=args.port,
+        variant=args.variant,
+        linear_backend=args.linear_backend,
+        batching=batching,
+        limits=limits,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftkit",
@@ -219,6 +212,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp32 linear layers of a torch run: as the recipes' option (auto: oneDNN where it measures faster)",
     )
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "serve", help="serve a run directory over HTTP (POST /predict, GET /health, /metadata, /docs)"
+    )
+    p.add_argument("run_dir", help="a run directory (a `compress --choose` result is served as it records)")
+    p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (the log names it)")
+    p.add_argument(
+        "--variant",
+        choices=["recorded", "fp32", "bf16", "torch-int8"],
+        default="recorded",
+        help="recorded: as `ftkit predict` runs the run (its compress.json: the --choose result, int8, "
+        "ONNX; else fp32); or a torch runtime applied to the run's torch model",
+    )
+    p.add_argument(
+        "--linear_backend",
+        choices=["auto", "onednn", "torch"],
+        default="auto",
+        help="fp32 linear layers of a plain run, as `ftkit predict --linear_backend`",
+    )
+    p.add_argument(
+        "--max_batch_size", type=int, default=32, help="texts per model call (default 32); 1: no batching"
+    )
+    p.add_argument(
+        "--max_wait_ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests to join (default 5)",
+    )
+    p.add_argument(
+        "--max_queue",
+        type=int,
+        default=256,
+        help="requests waiting before 503 with Retry-After (default 256)",
+    )
+    p.add_argument("--max_body_bytes", type=int, default=1_000_000, help="else 413 (default 1000000)")
+    p.add_argument("--max_texts", type=int, default=256, help="texts per request, else 413 (default 256)")
+    p.add_argument(
+        "--max_text_chars", type=int, default=100_000, help="characters per text, else 413 (default 100000)"
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("cp", help="copy a recipe (and its configs) out of the repository to adapt it")
     p.add_argument("recipe", help="recipe name, e.g. textcls; `accelerate`: the launch configs")

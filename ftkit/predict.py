@@ -100,6 +100,50 @@ def load_run(run_dir: str | Path):
     return model.eval(), tokenizer, info
 
 
+def load_for_inference(run_dir: str | Path, linear_backend: str = "auto"):
+    """(model, tokenizer, info) as `ftkit predict` runs a run directory (`ftkit serve` too).
+
+    A run with compress.json (pruned, int8, ONNX, or the runtime `ftkit compress --choose` picked) loads
+    through `ftkit.compress.load_compressed`; any other through `load_run`, its fp32 linear layers on the
+    `linear_backend` (see `ftkit.fastlinear.use_onednn_linear`).
+    """
+    if (Path(run_dir) / "compress.json").is_file():
+        from ftkit.compress import load_compressed  # compress imports this module
+
+        return load_compressed(run_dir), run_tokenizer(run_dir), read_run_info(run_dir)
+    from ftkit.fastlinear import use_onednn_linear
+
+    model, tokenizer, info = load_run(run_dir)
+    use_onednn_linear(model, linear_backend)
+    return model, tokenizer, info
+
+
+def predict_rows(
+    model,
+    tokenizer,
+    texts: list[str],
+    origins: list[str],
+    info: dict[str, Any],
+    batch_size: int = 32,
+    progress: bool = False,
+    pairs: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The `ftkit predict` output row of each text, whatever the task: entities with character offsets
+    (token classification), every head's tags (multi-task), else label and probabilities (or a score;
+    multi-label: the labels over their thresholds). `progress` shows a progress bar for classification
+    runs; `pairs` are the second texts of a sentence-pair run."""
+    if info["task"] == "token-classification":
+        from ftkit.ner import predict_entities  # the NER recipe's prediction path
+
+        return predict_entities(model, tokenizer, texts, origins, info, batch_size=batch_size)
+    if info["task"] == "multi-task":
+        from ftkit.multitask import predict_multitask  # every head from one encoder pass
+
+        return predict_multitask(model, tokenizer, texts, origins, info, batch_size=batch_size)
+    scores = predict_texts(model, tokenizer, texts, info, batch_size, progress, pairs=pairs)
+    return prediction_rows(origins, texts, scores, info, pairs=pairs)
+
+
 @torch.inference_mode()
 def predict_texts(
     model,

@@ -288,6 +288,34 @@ def test_textcls_pairs_reach_the_model_as_segments_and_predict_matches(textcls_r
     assert [p["label"] for p in again] == [r["label"] for r in recipe]
 
 
+def test_serve_takes_pairs_and_answers_as_ftkit_predict(textcls_run, pair_files, tmp_path):
+    from ftkit.serve import Limits, RequestError, load_predictor, parse_texts
+
+    out, _, _ = textcls_run
+    expected = predict_table(out, pair_files["test"], tmp_path)
+    body = {"texts": [r["text"] for r in expected], "text_pairs": [r["text_pair"] for r in expected]}
+    texts, origins = parse_texts(json.dumps(body).encode(), Limits(), pairs=True)
+    got = load_predictor(out, linear_backend="torch").predict(texts, origins)
+    assert [(g["text"], g["text_pair"], g["label"]) for g in got] == [
+        (e["text"], e["text_pair"], e["label"]) for e in expected
+    ]
+    assert all(
+        g["p_same"] == pytest.approx(e["p_same"], abs=1e-5) for g, e in zip(got, expected, strict=True)
+    )
+    one = parse_texts(b'{"text": "a", "text_pair": "b"}', Limits(), pairs=True)
+    assert one == ([("a", "b")], ["text"])
+    for bad, message in (
+        ({"texts": ["a"]}, "this run reads sentence pairs"),
+        ({"texts": ["a", "b"], "text_pairs": ["c"]}, '"texts" has 2 texts and "text_pairs" 1'),
+        ({"text": "a", "text_pair": " "}, "text_pair is empty"),
+    ):
+        with pytest.raises(RequestError, match=message) as err:
+            parse_texts(json.dumps(bad).encode(), Limits(), pairs=True)
+        assert err.value.status == 422
+    with pytest.raises(RequestError, match="unknown field"):  # a one-text run takes no second texts
+        parse_texts(json.dumps(body).encode(), Limits())
+
+
 def test_compress_batches_of_pairs_carry_segments(textcls_run):
     from ftkit.compress import _batches
 
