@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
 import shlex
 import socket
@@ -160,7 +161,11 @@ def run(name: str, hand: str | None, seed: int) -> dict:
     case_dir = CASES / name
     if not case_dir.is_dir():
         build([name])
+    sys.path.insert(0, str(ROOT))
+    from ftkit.hardware import cpu_info
+
     result = {"case": name, "recipe": recipe, "metric": metric, "seed": seed, "host": socket.gethostname()}
+    result["machine"] = {**cpu_info(), "load_at_start": os.getloadavg()}  # times mean little under load
     for label, extra in (("default", []), ("hand", shlex.split(hand) if hand else None)):
         if extra is None:
             continue
@@ -181,7 +186,8 @@ def run(name: str, hand: str | None, seed: int) -> dict:
             f"{name} {label}: test {metric} {res[f'test_{metric}']:.4f}, baseline "
             f"{res[f'baseline_test_{metric}']:.4f}, wall {result[label]['wall_seconds']:.0f} s"
         )
-    path = HERE / "results" / f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}-case-{name}.json"
+    stamp = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
+    path = HERE / "results" / f"{stamp}-case-{name}-seed{seed}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return result

@@ -190,29 +190,8 @@ def parse_texts(body: bytes, limits: Limits, pairs: bool = False) -> tuple[list,
         return _parse_pairs(data, limits, shape)
     if len(data) != 1:
         raise RequestError(422, f"{shape}: give one of them" if data else f"{shape}, got an empty object")
-    if "text" in data:
-        texts, origins = [data["text"]], ["text"]
-        if not isinstance(texts[0], str):
-            raise RequestError(422, f'"text" must be a string, got {_kind(texts[0])}')
-    else:
-        texts = data["texts"]
-        if not isinstance(texts, list):
-            raise RequestError(422, f'"texts" must be a list of strings, got {_kind(texts)}')
-        if not texts:
-            raise RequestError(422, '"texts" is empty: give at least one text')
-        if len(texts) > limits.max_texts:
-            raise RequestError(413, f'"texts" has {len(texts)} texts; the limit is {limits.max_texts}')
-        origins = [f"texts[{i}]" for i in range(len(texts))]
-    for origin, text in zip(origins, texts, strict=True):
-        if not isinstance(text, str):
-            raise RequestError(422, f"{origin} must be a string, got {_kind(text)}")
-        if not text.strip():
-            raise RequestError(422, f"{origin} is empty (or only whitespace)")
-        if len(text) > limits.max_text_chars:
-            raise RequestError(
-                413, f"{origin} has {len(text)} characters; the limit is {limits.max_text_chars}"
-            )
-    return texts, origins
+    texts = _checked(data, "texts", "text", limits)
+    return texts, ["text"] if "text" in data else [f"texts[{i}]" for i in range(len(texts))]
 
 
 def _parse_pairs(data: dict, limits: Limits, shape: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -233,7 +212,10 @@ def _parse_pairs(data: dict, limits: Limits, shape: str) -> tuple[list[tuple[str
 
 
 def _checked(data: dict, many: str, single: str, limits: Limits) -> list[str]:
-    """The strings of one side of a pair request, checked as `parse_texts` checks texts."""
+    """The texts of `data[single]` (one string) or `data[many]` (a list of strings), checked: 422 wrong
+    types or empty texts, 413 over a limit. One side of a pair request, or the texts of any other."""
+    if single in data and not isinstance(data[single], str):
+        raise RequestError(422, f'"{single}" must be a string, got {_kind(data[single])}')
     name = single if single in data else many
     values = [data[single]] if single in data else data[many]
     if not isinstance(values, list):
