@@ -4,6 +4,7 @@ reference baseline (and, optionally, a setting chosen by hand).
     python bench/cases.py build                          # writes bench/cases/<case>/ (not committed)
     python bench/cases.py run ner-small                  # default command, files and columns only
     python bench/cases.py run ner-small --hand "--num_train_epochs 10"
+    python bench/cases.py run ner-small --hand "--num_train_epochs 10" --hand_only   # no default run
     python bench/cases.py list
 
 Each case is what a user would bring, reshaped from a corpus ftkit ships, so anyone can rebuild it
@@ -156,7 +157,7 @@ def build(names: list[str]) -> None:
         print(f"built {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
 
-def run(name: str, hand: str | None, seed: int) -> dict:
+def run(name: str, hand: str | None, seed: int, default: bool = True) -> dict:
     recipe, files, metric = RUNS[name]
     case_dir = CASES / name
     if not case_dir.is_dir():
@@ -166,7 +167,9 @@ def run(name: str, hand: str | None, seed: int) -> dict:
 
     result = {"case": name, "recipe": recipe, "metric": metric, "seed": seed, "host": socket.gethostname()}
     result["machine"] = {**cpu_info(), "load_at_start": os.getloadavg()}  # times mean little under load
-    for label, extra in (("default", []), ("hand", shlex.split(hand) if hand else None)):
+    runs = [("default", [])] if default else []
+    runs += [("hand", shlex.split(hand))] if hand else []
+    for label, extra in runs:
         if extra is None:
             continue
         out = HERE / "runs" / f"{name}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -187,7 +190,7 @@ def run(name: str, hand: str | None, seed: int) -> dict:
             f"{res[f'baseline_test_{metric}']:.4f}, wall {result[label]['wall_seconds']:.0f} s"
         )
     stamp = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
-    path = HERE / "results" / f"{stamp}-case-{name}-seed{seed}.json"
+    path = HERE / "results" / f"{stamp}-case-{name}-seed{seed}{'' if default else '-hand'}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return result
@@ -204,12 +207,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("case", choices=list(RUNS))
     r.add_argument("--hand", help="extra options of the hand-chosen setting, one string")
     r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--hand_only", action="store_true", help="skip the default run (it was run before)")
     sub.add_parser("list")
     args = parser.parse_args(argv)
     if args.command == "build":
         build(args.cases)
     elif args.command == "run":
-        run(args.case, args.hand, args.seed)
+        run(args.case, args.hand, args.seed, default=not args.hand_only)
     else:
         for name, (recipe, files, metric) in RUNS.items():
             print(f"{name:14s} recipes/{recipe}.py {' '.join(files)}  (metric: test {metric})")
