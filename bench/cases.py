@@ -16,6 +16,7 @@ offline (fixed seed 42):
 | long-docs | textcls | BBC News articles (deduplicated; ~500 tokens, most of each beyond 128), few training rows: 100 training documents, 100 validation, 300 test; CSV columns `body`, `topic` |
 | short-noisy | textcls | Rotten Tomatoes fresh / rotten / plot as 3 classes, the first 12 words of each, lowercased, 5% of characters dropped; 1,000 per class; JSONL `post`, `label`; ftkit carves validation and test |
 | ratings-stars | ratings | Amazon review snippets, the -4..+4 rating mapped to 1-5 stars; CSV `review`, `stars`; ftkit carves validation and test |
+| tweets-polarity | sentiment | tweets (VADER ground truth) rated at least 0.5 from neutral, `positive` / `negative` (about 2:1) as they come (HTML entities, emoticons); TSV `tweet`, `sentiment`; ftkit carves validation and test |
 
 `run` prints the test metric of the fine-tuned model and of the baseline from the run's
 all_results.json and writes bench/results/<date>-<host>-case-<case>.json. Timings in it are only
@@ -52,6 +53,9 @@ RUNS = {
     "short-noisy": ("textcls", ["--train_file", "posts.jsonl", "--text_column", "post"], "accuracy"),
     "ratings-stars": (
         "ratings", ["--train_file", "reviews.csv", "--text_column", "review", "--label_column", "stars"], "rmse"
+    ),
+    "tweets-polarity": (
+        "sentiment", ["--train_file", "tweets.tsv", "--text_column", "tweet", "--label_column", "sentiment"], "accuracy"
     ),
 }  # fmt: skip
 
@@ -141,11 +145,25 @@ def build_ratings_stars(out: Path, rng: random.Random) -> None:
         writer.writerows((r["text"], min(5, max(1, round(3 + r["label"] / 2)))) for r in rows)
 
 
+def build_tweets_polarity(out: Path, rng: random.Random) -> None:
+    from ftkit.data import vader_ground_truth
+
+    # Tweets rated by 20 people (VADER ground truth, -4..+4): clearly positive or negative ones only,
+    # as they come (HTML entities, emoticons, imbalanced 2:1), one TSV; ftkit carves validation and test.
+    rows = [r for r in vader_ground_truth("tweets", "tweets") if abs(r["label"]) >= 0.5]
+    rng.shuffle(rows)
+    with open(out / "tweets.tsv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+        writer.writerow(["tweet", "sentiment"])
+        writer.writerows((r["text"], "positive" if r["label"] > 0 else "negative") for r in rows)
+
+
 BUILDERS = {
     "ner-small": build_ner_small,
     "long-docs": build_long_docs,
     "short-noisy": build_short_noisy,
     "ratings-stars": build_ratings_stars,
+    "tweets-polarity": build_tweets_polarity,
 }
 
 

@@ -239,6 +239,12 @@ def load_rotten_tomatoes() -> tuple[list[Row], int]:
 def load_amazon_ratings() -> list[Row]:
     """Amazon review snippets with their mean sentiment rating from 20 raters, -4 (very negative) to +4
     (3,708 rows; Hutto & Gilbert 2014, the VADER ground truth), read from the vaderSentiment sdist."""
+    return vader_ground_truth("amazonReviewSnippets", "amazon-ratings")
+
+
+def vader_ground_truth(corpus: str, origin: str) -> list[Row]:
+    """One of the VADER ground-truth sets in the vaderSentiment sdist (`amazonReviewSnippets`,
+    `movieReviewSnippets`, `nytEditorialSnippets`, `tweets`): text and mean rating, -4 to +4."""
     path = Path(sys.prefix) / "share" / "ftkit" / VADER_SDIST
     if not path.is_file():
         raise DataError(
@@ -248,15 +254,13 @@ def load_amazon_ratings() -> list[Row]:
     with tarfile.open(path) as outer:  # read in memory: nothing is extracted to disk
         inner = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
         with tarfile.open(fileobj=io.BytesIO(inner.read())) as data:
-            member = next(
-                m for m in data.getmembers() if m.name.endswith("amazonReviewSnippets_GroundTruth.txt")
-            )
+            member = next(m for m in data.getmembers() if m.name.endswith(f"/{corpus}_GroundTruth.txt"))
             text = data.extractfile(member).read().decode("utf-8")
     rows = []
     for n, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             _id, score, snippet = line.rstrip("\r").split("\t", 2)
-            rows.append({"text": snippet.strip(), "label": float(score), "origin": f"amazon-ratings:{n}"})
+            rows.append({"text": snippet.strip(), "label": float(score), "origin": f"{origin}:{n}"})
     return rows
 
 
