@@ -5,6 +5,11 @@ load hits all rows alike): model files on disk, latency p50/p95 at batch 1, thro
 accuracy. The first run is the reference; `transformers.pipeline("text-classification")` runs its fp32 model
 on the same texts. Every run predicts through `ftkit.predict.predict_texts` (batched, length-sorted), with
 compressed variants opened by `ftkit.compress.load_compressed`. Text classification only.
+
+`speed_tokens` gives every variant the same work whatever the runs' long-text policies: the speed and
+latency texts are cut to their first `speed_tokens` tokens (decoded back to text) before any variant sees
+them, so a head_tail or chunks run does no more per text than the pipeline does. Accuracy is always
+measured on the whole test texts, each run applying its own recorded policy.
 """
 
 from __future__ import annotations
@@ -51,10 +56,19 @@ def describe(run_dir: Path) -> str:
         parts.append(
             f"pruned heads {r['prune_heads']:.0%} ffn {r['prune_ffn']:.0%} ({heads} heads, {ffn} ffn)"
         )
-    parts.append(
-        "ONNX int8" if r.get("quantize") == "int8" else "ONNX fp32" if r["format"] == "onnx" else "fp32"
-    )
+    if r.get("runtime"):  # `ftkit compress --choose`: fp32 files, run as the measured runtime
+        parts.append(f"{r['runtime']} (chosen by measurement)")
+    else:
+        parts.append(
+            "ONNX int8" if r.get("quantize") == "int8" else "ONNX fp32" if r["format"] == "onnx" else "fp32"
+        )
     return ", ".join(parts)
+
+
+def cut_to_tokens(tokenizer, texts: Sequence[str], tokens: int) -> list[str]:
+    """Each text cut to its first `tokens` tokens (special tokens counted), decoded back to text."""
+    ids = tokenizer(list(texts), truncation=True, max_length=tokens)["input_ids"]
+    return [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
 
 
 def machine() -> dict:
@@ -94,6 +108,7 @@ def bench_predict(
     text_column: str = "text",
     label_column: str = "gold",
     speed_texts: int = 128,
+    speed_tokens: int | None = None,
     latency_texts: int = 40,
     batch_size: int = 32,
     rounds: int = 3,
@@ -110,6 +125,8 @@ def bench_predict(
     rows, _, _ = read_table(test_file, text_column, label_column)
     texts, gold = [r["text"] for r in rows], [str(r["label"]) for r in rows]
     speed = (texts * (speed_texts // len(texts) + 1))[:speed_texts]
+    if speed_tokens:
+        speed = cut_to_tokens(run_tokenizer(runs[0]), speed, speed_tokens)
     load_before = os.getloadavg()
     predictors = _predictors(runs)
 
@@ -150,6 +167,7 @@ def bench_predict(
         "test_file": str(test_file),
         "test_texts": len(texts),
         "max_length": read_run_info(runs[0])["max_length"],
+        "speed_tokens": speed_tokens,
         "batch_size": batch_size,
         "rounds": rounds,
         "rows": result_rows,
@@ -168,7 +186,8 @@ def markdown(result: dict) -> str:
         f"Measured {result['date']} on {m['cpu']} ({m['cores']} cores, torch threads {m['torch_threads']}), "
         f"load average (1 min) before/after {result['load_avg_before'][0]:.2f}/{result['load_avg_after'][0]:.2f}; "
         f"{result['test_texts']} test texts, max_length {result['max_length']}, "
-        f"median of {result['rounds']} interleaved rounds.",
+        + (f"speed at {result['speed_tokens']} tokens per text, " if result.get("speed_tokens") else "")
+        + f"median of {result['rounds']} interleaved rounds.",
         "",
         f"| variant | weights MB | p50 ms (batch 1) | p95 ms (batch 1) | texts/s (batch {result['batch_size']}) "
         "| vs pipeline | test accuracy |",

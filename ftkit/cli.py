@@ -158,7 +158,13 @@ def cmd_bench_predict(args: argparse.Namespace) -> None:
 
     print(
         markdown(
-            bench_predict(args.runs, test_file=args.test_file, batch_size=args.batch_size, out_dir=args.out)
+            bench_predict(
+                args.runs,
+                test_file=args.test_file,
+                batch_size=args.batch_size,
+                speed_tokens=args.speed_tokens,
+                out_dir=args.out,
+            )
         )
     )
 
@@ -316,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="reference run first, then its variants")
     p.add_argument("--test_file", help="default: the reference run's test_predictions.jsonl")
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument(
+        "--speed_tokens",
+        type=int,
+        help="cut the speed and latency texts to this many tokens first: equal work for every variant "
+        "whatever its long-text policy (e.g. 128); accuracy stays on the whole texts",
+    )
     p.add_argument("--out", help="where to write bench_predict.json/.md (default: the reference run)")
     p.set_defaults(func=cmd_bench_predict)
     return parser

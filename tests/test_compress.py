@@ -380,3 +380,14 @@ def test_package_never_calls_torch_load_without_weights_only():
     assert len(sources) >= 2
     offenders = {str(p): _unsafe_torch_loads(p.read_text(encoding="utf-8")) for p in sources}
     assert {p: lines for p, lines in offenders.items() if lines} == {}
+
+
+def test_cut_to_tokens_gives_every_variant_the_same_short_texts(cls_run):
+    from ftkit.bench import cut_to_tokens
+
+    tok = AutoTokenizer.from_pretrained(cls_run)
+    long_text = " ".join(["the match was won by the home team after a late goal"] * 20)
+    short_text = "a goal"
+    cut_long, cut_short = cut_to_tokens(tok, [long_text, short_text], 16)
+    assert len(tok(cut_long)["input_ids"]) <= 16 < len(tok(long_text)["input_ids"])
+    assert tok(cut_short)["input_ids"] == tok(short_text)["input_ids"]  # nothing to cut: the same tokens
