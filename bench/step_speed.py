@@ -7,6 +7,7 @@ from other processes hits all of them alike; the median step per variant is repo
     python bench/step_speed.py                                 # the default variant set
     python bench/step_speed.py --variants b16 b32 b16-nodrop b16-eager b16-bf16 --rounds 5
     python bench/step_speed.py --variants b16 b16-compile --steps 8
+    python bench/step_speed.py --seq_len 256 --variants b16-noattdrop-bf16 b16-noattdrop-bf16-compile
 
 Variant names: b<batch>[-nodrop|-noattdrop][-eager][-bf16][-compile][-onednn][-t1] (nodrop: no dropout
 at all; noattdrop: no attention dropout; onednn: fp32 linear layers through oneDNN; t1: one torch
@@ -31,7 +32,7 @@ from flops import bf16_peak, gemm_peak, machine, model_shape, train_flops  # noq
 SEQ_LEN = 128  # BBC News: every article is longer than 128 tokens, so every batch is full
 
 
-def build(variant: str, seed: int = 0):
+def build(variant: str, seq_len: int = SEQ_LEN, seed: int = 0):
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -55,7 +56,7 @@ def build(variant: str, seed: int = 0):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     step_model = torch.compile(model) if "compile" in parts else model
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 30000, (batch, SEQ_LEN), generator=gen)
+    ids = torch.randint(1000, 30000, (batch, seq_len), generator=gen)
     ids[:, 0], ids[:, -1] = 101, 102
     inputs = {
         "input_ids": ids,
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--variants", nargs="+", default=["b8", "b16", "b32", "b16-nodrop", "b16-eager", "b16-bf16"]
     )
+    p.add_argument("--seq_len", type=int, default=SEQ_LEN, help="tokens per row (textcls's head_tail: 256)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
     p.add_argument("--out", help="write the figures as JSON here")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     built = {}
     for v in args.variants:
         start = time.perf_counter()
-        step, batch, threads, shape = build(v)
+        step, batch, threads, shape = build(v, args.seq_len)
         if threads:
             torch.set_num_threads(threads)
         step()  # first step: kernel selection, compilation for -compile
@@ -115,12 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for v, (_, batch, _threads, shape, setup) in built.items():
         med = statistics.median(times[v])
-        flops = train_flops(shape, [SEQ_LEN] * batch)
+        flops = train_flops(shape, [args.seq_len] * batch)
         rows.append(
             {
                 "variant": v,
                 "step_s": med,
-                "tokens_per_s": batch * SEQ_LEN / med,
+                "tokens_per_s": batch * args.seq_len / med,
                 "gflops": flops / med / 1e9,
                 "mfu": flops / med / 1e9 / best_peak,
                 "mfu_fp32_peak": flops / med / 1e9 / gflops_peak,
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['mfu']:>7.0%}{r['setup_and_first_step_s']:>9.1f}"
         )
     result = {"machine": machine(), "peak_gflops": gflops_peak, "best_peak_gflops": best_peak}
-    result.update({"peak": peak + peak_after, "load": os.getloadavg(), "rows": rows})
+    result.update({"seq_len": args.seq_len, "peak": peak + peak_after, "load": os.getloadavg(), "rows": rows})
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
