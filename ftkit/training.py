@@ -116,9 +116,23 @@ def decide_training(options, training_args, model_args, train_rows: int):
     return training_args
 
 
+def standard_error(value: float, rows: int) -> float:
+    """One standard error of a proportion-like metric (accuracy, F1) measured on `rows` rows."""
+    return math.sqrt(max(value * (1.0 - value), 0.0) / max(rows, 1))
+
+
 class EarlyStopping(EarlyStoppingCallback):
     """`EarlyStoppingCallback` that never stops before `min_steps` optimizer steps: the first epochs of
-    a small or hard set often score alike (NER: F1 0 for several epochs), which is no reason to stop."""
+    a small or hard set often score alike (NER: F1 0 for several epochs), which is no reason to stop.
+
+    It also decides which checkpoint is "best": a later evaluation whose metric (greater is better,
+    between 0 and 1) lies within one standard error of the best so far takes the best's place, so the
+    model kept at the end is the latest one the validation set cannot tell from the best. On a small
+    validation set the best epoch is often a one-text fluke: BBC News, 213 validation texts, seed 42:
+    epoch 1 macro-F1 0.986 against epoch 3 0.979 (one standard error 0.008), and test accuracy 0.953
+    for epoch 1 against 0.986 for epoch 3, where the cosine schedule had annealed. The standard error
+    counts validation rows (windows for NER, chunks with `--long_text chunks`). Early stopping still
+    compares with the best value itself."""
 
     def __init__(
         self,
@@ -140,6 +154,33 @@ class EarlyStopping(EarlyStoppingCallback):
         if state.global_step < self.min_steps:
             self.early_stopping_patience_counter = 0
             control.should_training_stop = stopping
+        self.prefer_later(args, state, metrics, kwargs.get("eval_dataloader"))
+
+    @staticmethod
+    def prefer_later(args, state, metrics: dict, eval_dataloader) -> bool:
+        """Point the best checkpoint at this evaluation when its metric is within one standard error of
+        the best so far (a new best is Trainer's own). Runs before Trainer compares the metric with the
+        best and saves; only at evaluations that save a checkpoint. Returns whether it did."""
+        key = args.metric_for_best_model
+        best = getattr(state, "best_metric", None)
+        dataset = getattr(eval_dataloader, "dataset", None)
+        if key is None or not args.greater_is_better or best is None or dataset is None:
+            return False
+        value = metrics.get(key if key.startswith("eval_") else f"eval_{key}")
+        saves = args.save_strategy == "epoch" or (
+            args.save_strategy == "steps" and state.global_step % max(int(args.save_steps), 1) == 0
+        )
+        if value is None or not saves or not 0.0 <= best <= 1.0 or value > best:
+            return False
+        se = standard_error(best, len(dataset))
+        if best - value > se:
+            return False
+        state.best_global_step = state.global_step
+        logger.info(
+            "step %d: %s %.4f is within one standard error (%.4f, %d validation rows) of the best %.4f: "
+            "this later checkpoint is the one kept", state.global_step, key, value, se, len(dataset), best,
+        )  # fmt: skip
+        return True
 
 
 def early_stopping(patience: int, options) -> EarlyStopping:

@@ -77,6 +77,39 @@ def test_early_stopping_waits_for_the_step_minimum(step, stops):
     assert control.should_training_stop is stops
 
 
+@pytest.mark.parametrize(
+    "value, rows, kept_later",
+    [
+        (0.979, 213, True),  # BBC seed 42: 0.986 at epoch 1, 0.979 at epoch 3, one standard error 0.008
+        (0.979, 5000, False),  # the same gap on a large validation set is real: the earlier best stays
+        (0.986, 213, True),  # a tie goes to the later checkpoint
+        (0.990, 213, False),  # a new best is Trainer's own business
+    ],
+)
+def test_best_checkpoint_is_the_latest_within_one_standard_error(value, rows, kept_later):
+    args = SimpleNamespace(
+        metric_for_best_model="macro_f1", greater_is_better=True, save_strategy="epoch", save_steps=500
+    )
+    state = SimpleNamespace(global_step=321, best_metric=0.986, best_global_step=107)
+    loader = SimpleNamespace(dataset=[None] * rows)
+    assert EarlyStopping.prefer_later(args, state, {"eval_macro_f1": value}, loader) is kept_later
+    assert state.best_global_step == (321 if kept_later else 107)
+
+
+def test_best_checkpoint_rule_leaves_losses_and_unsaved_steps_alone():
+    loader = SimpleNamespace(dataset=[None] * 100)
+    state = SimpleNamespace(global_step=30, best_metric=0.5, best_global_step=10)
+    loss = SimpleNamespace(
+        metric_for_best_model="rmse", greater_is_better=False, save_strategy="epoch", save_steps=1
+    )
+    assert not EarlyStopping.prefer_later(loss, state, {"eval_rmse": 0.5}, loader)
+    unsaved = SimpleNamespace(
+        metric_for_best_model="f1", greater_is_better=True, save_strategy="steps", save_steps=20
+    )
+    assert not EarlyStopping.prefer_later(unsaved, state, {"eval_f1": 0.5}, loader)  # step 30: no checkpoint
+    assert state.best_global_step == 10
+
+
 # ---------------------------------------------------------------------------------------------
 # --long_text auto
 
