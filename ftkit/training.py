@@ -142,6 +142,7 @@ class EarlyStopping(EarlyStoppingCallback):
     ):
         super().__init__(early_stopping_patience, early_stopping_threshold)
         self.min_steps = min_steps
+        self.trained = False
 
     def state(self) -> dict:
         state = super().state()  # what a resumed run restores (restore_callback_states_from_checkpoint)
@@ -154,7 +155,15 @@ class EarlyStopping(EarlyStoppingCallback):
         if state.global_step < self.min_steps:
             self.early_stopping_patience_counter = 0
             control.should_training_stop = stopping
-        self.prefer_later(args, state, metrics, kwargs.get("eval_dataloader"))
+        if not self.trained:  # an evaluation after training (the final validation pass) changes nothing
+            self.prefer_later(args, state, metrics, kwargs.get("eval_dataloader"))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trained = False
+        return super().on_train_begin(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trained = True
 
     @staticmethod
     def prefer_later(args, state, metrics: dict, eval_dataloader) -> bool:
@@ -166,6 +175,8 @@ class EarlyStopping(EarlyStoppingCallback):
         dataset = getattr(eval_dataloader, "dataset", None)
         if key is None or not args.greater_is_better or best is None or dataset is None:
             return False
+        if getattr(state, "best_global_step", None) == state.global_step:
+            return False  # already the kept checkpoint
         value = metrics.get(key if key.startswith("eval_") else f"eval_{key}")
         saves = args.save_strategy == "epoch" or (
             args.save_strategy == "steps" and state.global_step % max(int(args.save_steps), 1) == 0

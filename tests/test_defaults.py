@@ -96,6 +96,19 @@ def test_best_checkpoint_is_the_latest_within_one_standard_error(value, rows, ke
     assert state.best_global_step == (321 if kept_later else 107)
 
 
+def test_an_evaluation_after_training_moves_no_checkpoint():
+    stopper = EarlyStopping(early_stopping_patience=2, min_steps=0)
+    args = SimpleNamespace(
+        metric_for_best_model="f1", greater_is_better=True, load_best_model_at_end=True,
+        save_strategy="epoch", save_steps=500,
+    )  # fmt: skip
+    state = SimpleNamespace(global_step=300, best_metric=0.9, best_global_step=200)
+    loader = SimpleNamespace(dataset=[None] * 100)
+    stopper.on_train_end(args, state, TrainerControl())
+    stopper.on_evaluate(args, state, TrainerControl(), {"eval_f1": 0.9}, eval_dataloader=loader)
+    assert state.best_global_step == 200  # the final validation pass of the loaded best model
+
+
 def test_best_checkpoint_rule_leaves_losses_and_unsaved_steps_alone():
     loader = SimpleNamespace(dataset=[None] * 100)
     state = SimpleNamespace(global_step=30, best_metric=0.5, best_global_step=10)
