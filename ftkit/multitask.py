@@ -135,6 +135,12 @@ def encode_multitask_splits(
     return out
 
 
+def head_logits(predictions) -> tuple[np.ndarray, ...]:
+    """Trainer's predictions as one logits array per head: a model with a single head gets its logits
+    back bare, not as a 1-tuple (Trainer unwraps one-element outputs)."""
+    return tuple(predictions) if isinstance(predictions, tuple | list) else (predictions,)
+
+
 def head_view(features: Features, h: int) -> Features:
     """`features` with head `h`'s labels only, as `ftkit.ner.merge_windows` and `split_of` take them."""
     rows = dict(features.rows, labels=[[x[h] for x in row] for row in features.rows["labels"]])

@@ -38,6 +38,7 @@ from ftkit.multitask import (
     collate,
     encode_multitask_splits,
     head_labels,
+    head_logits,
     head_metrics,
     head_view,
 )
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     def word_tags(split, pred, h, method) -> list[list[str]]:
         """Head h's tag per word of every sentence of `split`: windows merged back, then decoded."""
         word_logits = merge_windows(
-            head_view(features[split], h), pred.predictions[h], pred.label_ids[..., h]
+            head_view(features[split], h), head_logits(pred.predictions)[h], pred.label_ids[..., h]
         )
         names = heads[list(heads)[h]]
         return [
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             gold = [s.layers[head] for s in splits[split]]
             scores = head_metrics(gold, word_tags(split, pred, h, methods[head]), schemes[head])
             # Per-head loss: mean cross-entropy over the words, each row once (see exact_eval_loss).
-            scores["loss"] = exact_eval_loss(pred.predictions[h], pred.label_ids[..., h])
+            scores["loss"] = exact_eval_loss(head_logits(pred.predictions)[h], pred.label_ids[..., h])
             losses.append(weights[head] * scores["loss"])
             metrics |= {f"{head}_{k}": v for k, v in scores.items()}
         return {**metrics, "loss": sum(losses)}  # the training objective: the weighted sum

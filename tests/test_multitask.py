@@ -278,3 +278,13 @@ def test_two_processes_train_one_model(tiny_model, tmp_path):
     assert len((out / "test_predictions.jsonl").read_text().splitlines()) == len(
         read_conll(DATA / "test.conll")
     )
+
+
+def test_a_one_head_run_trains_evaluates_and_saves(tiny_model, tmp_path):
+    # Trainer hands a one-head model's logits back bare, not as a 1-tuple: the recipe must still index heads.
+    out = tmp_path / "pos-only"
+    extra = ["--heads", "pos", "--head_columns", "1", "--head_schemes", "none", "--loss_weights", "1"]
+    results = multitask.main(recipe_args(tiny_model, out, "--num_train_epochs", "1", *extra))
+    assert 0.0 <= results["test_pos_accuracy"] <= 1.0 and "test_ner_f1" not in results
+    _, _, info = load_run(out)
+    assert list(info["heads"]) == ["pos"]
