@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from ftkit.conll import load_conll2003
+from ftkit.hardware import cpu_info
 from ftkit.multitask import predict_multitask
 from ftkit.ner import predict_entities
 from ftkit.predict import load_run
@@ -90,7 +91,7 @@ def main() -> None:
     singles = [cost(r, texts, args.repeats) for r in args.single or one_head_runs(args.multi)]
     single_seconds = sum(s["seconds"] for s in singles)
     out = {
-        "cpu": platform.processor() or platform.machine(),
+        "machine": {**cpu_info(), "load": os.getloadavg()},
         "threads": torch.get_num_threads(),
         "texts": len(texts),
         "multi": {**multi, "texts_per_second": len(texts) / multi["seconds"]},
