@@ -148,14 +148,17 @@ def equal_steps(case: dict) -> list[str]:
     return train
 
 
-def run(task: str, size: int, seed: int, augment: bool, same_steps: bool = False) -> dict:
+def run(
+    task: str, size: int, seed: int, augment: bool, same_steps: bool = False, precision: str | None = None
+) -> dict:
     case, files = CASES[task], build(task, size)
     name = "aug" if augment else "plain-same-steps" if same_steps else "plain"
     out = OUT / f"{task}-{size}-seed{seed}-{name}"
     train = equal_steps(case) if same_steps else case["train"]
     args = ["--train_file", str(files["train"]), "--validation_file", str(files["validation"]),
             "--test_file", str(files["test"]), "--output_dir", str(out), "--seed", str(seed),
-            *COMMON, *train, *(case["augment"] if augment else [])]  # fmt: skip
+            *COMMON, *train, *(case["augment"] if augment else []),
+            *(["--precision", precision] if precision else [])]  # fmt: skip
     cmd = [sys.executable, str(ROOT / "recipes" / f"{task}.py"), *args]
     started = datetime.datetime.now(datetime.UTC)
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -165,7 +168,7 @@ def run(task: str, size: int, seed: int, augment: bool, same_steps: bool = False
         "task": task, "size": size, "seed": seed, "augment": " ".join(case["augment"]) if augment else "",
         "epochs": float(train[train.index("--num_train_epochs") + 1]), "same_steps": same_steps,
         f"test_{metric}": results[f"test_{metric}"], f"eval_{metric}": results[f"eval_{metric}"],
-        "rows_added": results.get("augment_rows_added", 0), "train_rows": results.get("augment_train_rows", size),
+        "precision": results.get("precision"), "rows_added": results.get("augment_rows_added", 0), "train_rows": results.get("augment_train_rows", size),
         "started": started.isoformat(timespec="seconds"), "cpu": cpu_name(), "load": os.getloadavg(),
         "command": "python recipes/" + f"{task}.py " + " ".join(a if " " not in a else repr(a) for a in args),
     }  # fmt: skip
@@ -279,6 +282,11 @@ def main() -> None:
         action="store_true",
         help="run only the control: without augmentation, (1 + copies) x the epochs (the augmented run's steps)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="passed to the recipe (default: the recipe's own); the chosen one is recorded",
+    )
     args = parser.parse_args()
     if args.tfidf:
         tfidf_proxy(args.task, args.sizes, args.seeds, args.copies)
@@ -289,10 +297,10 @@ def main() -> None:
     for size in args.sizes:
         for seed in args.seeds:
             if args.same_steps:
-                run(args.task, size, seed, augment=False, same_steps=True)
+                run(args.task, size, seed, augment=False, same_steps=True, precision=args.precision)
                 continue
             for augment in (False, True):
-                run(args.task, size, seed, augment)
+                run(args.task, size, seed, augment, precision=args.precision)
 
 
 if __name__ == "__main__":
