@@ -8,6 +8,7 @@ from other processes hits all of them alike; the median step per variant is repo
     python bench/step_speed.py --variants b16 b32 b16-nodrop b16-eager b16-bf16 --rounds 5
     python bench/step_speed.py --variants b16 b16-compile --steps 8
     python bench/step_speed.py --seq_len 256 --variants b16-noattdrop-bf16 b16-noattdrop-bf16-compile
+    python bench/step_speed.py --seq_len 256 --variants b16-noattdrop-bf16 --profile   # where the step goes
 
 Variant names: b<batch>[-nodrop|-noattdrop][-eager][-bf16][-compile][-onednn][-t1] (nodrop: no dropout
 at all; noattdrop: no attention dropout; onednn: fp32 linear layers through oneDNN; t1: one torch
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="then profile 2 steps of each variant: self CPU time by operator category, largest copies",
+    )
     args = p.parse_args(argv)
 
     default_threads = torch.get_num_threads()
@@ -142,9 +148,47 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result = {"machine": machine(), "peak_gflops": gflops_peak, "best_peak_gflops": best_peak}
     result.update({"seq_len": args.seq_len, "peak": peak + peak_after, "load": os.getloadavg(), "rows": rows})
+    if args.profile:
+        result["profiles"] = {v: profile_step(v, built[v][0], built[v][2] or default_threads) for v in built}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def profile_step(variant: str, step, threads: int, steps: int = 2) -> dict:
+    """Self CPU time per step by operator category (profile_train.py's), and the copies by shape:
+    under bf16 autocast these are the dtype casts around every linear layer and their gradients."""
+    import torch
+    from profile_train import category
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+    by_cat: dict[str, float] = {}
+    for e in events:
+        by_cat[category(e.key)] = by_cat.get(category(e.key), 0.0) + e.self_cpu_time_total / 1e3 / steps
+    copies = sorted((e for e in events if e.key == "aten::copy_"), key=lambda e: -e.self_cpu_time_total)
+    top = [
+        {
+            "shapes": str(e.input_shapes[:2]),
+            "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+            "calls": e.count // steps,
+        }
+        for e in copies[:6]
+    ]
+    print(
+        f"\n{variant}: self CPU time per step {total:.0f} ms (profiled; the timed step above is the reference)"
+    )
+    for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:<28}{ms:>8.1f} ms {ms / total:>5.0%}")
+    print("  largest copies (dtype casts):")
+    for c in top:
+        print(f"    {c['shapes']:<40}{c['calls']:>5} per step {c['ms_per_step']:>8.1f} ms")
+    return {"ms_per_step": total, "categories_ms": by_cat, "copies": top}
 
 
 if __name__ == "__main__":

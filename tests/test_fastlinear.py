@@ -161,6 +161,22 @@ def test_load_model_only_loads_and_speed_up_sets_dropout_and_backend(tiny_model)
     assert all("forward" in vars(m) for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def test_hidden_dropout_sets_the_encoder_and_leaves_the_head_and_attention(tiny_model):
+    from ftkit.models import load_model
+    from ftkit.speed import set_hidden_dropout
+
+    model = load_model(tiny_model, "text-classification", {"a": 0, "b": 1})
+    assert not set_hidden_dropout(model, None)  # default: the checkpoint's own
+    assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {0.1}
+    assert set_hidden_dropout(model, 0.0)
+    p = {n: m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    hidden = [n for n in p if n.endswith(("embeddings.dropout", "output.dropout"))]
+    assert len(hidden) == 1 + 2 * 2 and all(p[n] == 0.0 for n in hidden)  # embeddings, two per layer
+    assert p["dropout"] == 0.1 and all(v == 0.1 for n, v in p.items() if n.endswith("self.dropout"))
+    # Saved config: a reload builds the same encoder dropout and the same head dropout.
+    assert model.config.hidden_dropout_prob == 0.0 and model.config.classifier_dropout == 0.1
+
+
 @pytest.mark.parametrize("fault", ["wrong values", "error"])
 def test_a_changed_private_op_falls_back_to_torch_with_a_warning(tiny_model, monkeypatch, caplog, fault):
     right = fastlinear.mm_t
