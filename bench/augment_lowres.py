@@ -168,7 +168,8 @@ def run(
         "task": task, "size": size, "seed": seed, "augment": " ".join(case["augment"]) if augment else "",
         "epochs": float(train[train.index("--num_train_epochs") + 1]), "same_steps": same_steps,
         f"test_{metric}": results[f"test_{metric}"], f"eval_{metric}": results[f"eval_{metric}"],
-        "precision": results.get("precision"), "rows_added": results.get("augment_rows_added", 0), "train_rows": results.get("augment_train_rows", size),
+        "precision": results.get("precision"), "rows_added": results.get("augment_rows_added", 0),
+        "train_rows": results.get("augment_train_rows", size),
         "started": started.isoformat(timespec="seconds"), "cpu": cpu_name(), "load": os.getloadavg(),
         "command": "python recipes/" + f"{task}.py " + " ".join(a if " " not in a else repr(a) for a in args),
     }  # fmt: skip

@@ -170,7 +170,8 @@ def profile_step(variant: str, step, threads: int, steps: int = 2) -> dict:
     total = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
     by_cat: dict[str, float] = {}
     for e in events:
-        by_cat[category(e.key)] = by_cat.get(category(e.key), 0.0) + e.self_cpu_time_total / 1e3 / steps
+        cat = category(e.key)
+        by_cat[cat] = by_cat.get(cat, 0.0) + e.self_cpu_time_total / 1e3 / steps
     copies = sorted((e for e in events if e.key == "aten::copy_"), key=lambda e: -e.self_cpu_time_total)
     top = [
         {
