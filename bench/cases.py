@@ -175,7 +175,7 @@ def build(names: list[str]) -> None:
         print(f"built {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
 
-def run(name: str, hand: str | None, seed: int, default: bool = True) -> dict:
+def run(name: str, hand: str | None, seed: int, default: bool = True, tag: str = "") -> dict:
     recipe, files, metric = RUNS[name]
     case_dir = CASES / name
     if not case_dir.is_dir():
@@ -208,7 +208,7 @@ def run(name: str, hand: str | None, seed: int, default: bool = True) -> dict:
             f"{res[f'baseline_test_{metric}']:.4f}, wall {result[label]['wall_seconds']:.0f} s"
         )
     stamp = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
-    path = HERE / "results" / f"{stamp}-case-{name}-seed{seed}{'' if default else '-hand'}.json"
+    path = HERE / "results" / f"{stamp}-case-{name}-seed{seed}{'' if default else '-hand'}{tag}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return result
@@ -226,12 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--hand", help="extra options of the hand-chosen setting, one string")
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--hand_only", action="store_true", help="skip the default run (it was run before)")
+    r.add_argument("--tag", default="", help="suffix of the result file's name, e.g. -epyc-zen1")
     sub.add_parser("list")
     args = parser.parse_args(argv)
     if args.command == "build":
         build(args.cases)
     elif args.command == "run":
-        run(args.case, args.hand, args.seed, default=not args.hand_only)
+        run(args.case, args.hand, args.seed, default=not args.hand_only, tag=args.tag)
     else:
         for name, (recipe, files, metric) in RUNS.items():
             print(f"{name:14s} recipes/{recipe}.py {' '.join(files)}  (metric: test {metric})")
