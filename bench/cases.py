@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--hand", help="extra options of the hand-chosen setting, one string")
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--hand_only", action="store_true", help="skip the default run (it was run before)")
-    r.add_argument("--tag", default="", help="suffix of the result file's name, e.g. -epyc-zen1")
+    r.add_argument("--tag", default="", help="suffix of the result file's name, e.g. --tag=-epyc-zen1")
     sub.add_parser("list")
     args = parser.parse_args(argv)
     if args.command == "build":
