@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -61,7 +60,6 @@ def run_one(seed: int, pooling: str, out: Path, extra: list[str]) -> None:
             return model
 
         sentiment.load_model = load_mean_pooled
-    torch.manual_seed(seed)
     sentiment.main(["--seed", str(seed), "--output_dir", str(out), "--disable_tqdm", "true", *extra])
 
 
