@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch.nn.functional as F
+from seeds import summarize  # bench/seeds.py, beside this script
 from transformers import BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
+
+from ftkit.hardware import cpu_info
 
 HERE = Path(__file__).resolve().parent
 KEYS = ("test_accuracy", "test_macro_f1", "eval_accuracy", "baseline_test_accuracy")
@@ -90,17 +93,12 @@ def main() -> None:
         res = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
         runs.append({"seed": seed, **{k: res.get(k) for k in KEYS}, "precision": res.get("precision")})
         print(json.dumps(runs[-1]), flush=True)
-    summary = {}
-    for k in KEYS:
-        values = [r[k] for r in runs if r[k] is not None]
-        if values:
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            summary[k] = {"mean": statistics.fmean(values), "sd": sd}
-            print(f"{k:28s} {summary[k]['mean']:.4f} ± {sd:.4f}")
+    summary = summarize(runs)  # the test and baseline figures, as bench/seeds.py reports them
+    for k, s in summary.items():
+        print(f"{k:28s} {s['mean']:.4f} ± {s['sd']:.4f}")
     date, host = time.strftime("%Y-%m-%d"), socket.gethostname()
     result = {"pooling": args.pooling, "args": extra, "date": date, "host": host, "wall_seconds": walls}
-    cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(": \t")
-    result |= {"cpu": cpu}
+    result |= {"machine": {**cpu_info(), "load_at_end": os.getloadavg()}}
     result |= {"runs": runs, "summary": summary}
     path = Path(args.out) if args.out else HERE / "results" / f"{date}-{host}-pooling-{args.pooling}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
