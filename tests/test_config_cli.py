@@ -105,13 +105,11 @@ def test_default_yaml_equals_the_recipe_defaults():
     assert parse(["--config", str(ROOT / "recipes" / "configs" / "textcls.yaml")]) == parse([])
 
 
-def test_help_lists_recipe_and_training_options():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "textcls.py"), "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def test_help_lists_recipe_and_training_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        textcls.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
     for flag in (
         "--long_text",
         "--train_file",

@@ -4,7 +4,6 @@ LoRA, bad ratings, and the embedded amazon-ratings corpus."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -82,15 +81,15 @@ def test_text_labels_are_an_error_naming_the_row(tiny_model, tmp_path):
         run(tiny_model, tmp_path / "bad", "--train_file", str(DATA / "polarity.csv"))
 
 
-def test_recipe_exits_with_one_line_on_bad_ratings(tmp_path):
+def test_bad_rating_names_the_file_and_row(tmp_path):
+    # In-process: the exit status and one-line message of the shared main-guard are checked once,
+    # on textcls, in tests/test_config_cli.py (a subprocess costs ~8 s of imports).
     bad = tmp_path / "r.csv"
     bad.write_text(
         "text,stars\ngood,5\nbad,1\nmeh,three\n" + "".join(f"review {i},{i % 5 + 1}\n" for i in range(20))
     )
-    cmd = [sys.executable, str(ROOT / "recipes" / "ratings.py"), "--train_file", str(bad)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "r.csv:4: label 'three' is not a number" in proc.stderr
+    with pytest.raises(DataError, match=r"r\.csv:4: label 'three' is not a number"):
+        ratings.main(["--train_file", str(bad), "--output_dir", str(tmp_path / "out")])
 
 
 def test_embedded_amazon_ratings_corpus():
