@@ -33,14 +33,23 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_info() -> dict:
-    """CPU model, cores, and the flags that matter for speed (avx2, avx512*, amx*, vnni), for results files."""
-    model = next(
-        (x.split(":", 1)[1].strip() for x in _cpuinfo().splitlines() if x.startswith("model name")),
-        platform.processor() or platform.machine(),
-    )
+    """CPU model, cores, and the flags that matter for speed (avx2, avx512*, amx*, vnni), for results
+    files. `cpu_id` (vendor, family, model, stepping) tells machines apart where the model name does
+    not: a VM's "AMD EPYC" was a Zen 1 (family 23 model 1) in one session, a Zen 3 (25/1) in another."""
+    fields = {}
+    for line in _cpuinfo().splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:  # the first processor's block
+            fields[key.strip()] = value.strip()
+    model = fields.get("model name") or platform.processor() or platform.machine()
     flags = cpu_flags()
     relevant = sorted(f for f in flags if f in _RELEVANT or f.startswith(("avx512", "amx")) or "vnni" in f)
-    return {"cpu": model, "cores": os.cpu_count(), "cpu_flags": relevant}
+    info = {"cpu": model, "cores": os.cpu_count(), "cpu_flags": relevant}
+    if "cpu family" in fields:
+        info["cpu_id"] = "{} family {} model {} stepping {}".format(
+            *(fields.get(key, "?") for key in ("vendor_id", "cpu family", "model", "stepping"))
+        )
+    return info
 
 
 def has_vnni() -> bool:

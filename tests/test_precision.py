@@ -103,5 +103,13 @@ def test_cpu_flags_say_where_bf16_is_native(monkeypatch):
     info = hardware.cpu_info()
     assert info["cpu"] == "Intel(R) Xeon(R) Platinum"
     assert info["cpu_flags"] == ["amx_bf16", "amx_int8", "avx2", "avx512_bf16", "avx512f"]
-    monkeypatch.setattr(hardware, "_cpuinfo", lambda: "model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n")
+    assert "cpu_id" not in info  # no family line: nothing made up
+    zen3 = (
+        "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
+    )
+    zen3 += (
+        "flags\t\t: fpu avx2 fma\n\nprocessor\t: 1\ncpu family\t: 99\n"  # the first processor's block counts
+    )
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda: zen3)
     assert hardware.native_bf16() is None and hardware.cpu_info()["cpu_flags"] == ["avx2", "fma"]
+    assert hardware.cpu_info()["cpu_id"] == "AuthenticAMD family 25 model 1 stepping 1"
