@@ -104,11 +104,20 @@ def test_cpu_flags_say_where_bf16_is_native(monkeypatch):
     assert info["cpu"] == "Intel(R) Xeon(R) Platinum"
     assert info["cpu_flags"] == ["amx_bf16", "amx_int8", "avx2", "avx512_bf16", "avx512f"]
     assert "cpu_id" not in info  # no family line: nothing made up
-    zen3 = (
-        "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 1\n"
-    )
-    zen3 += (
-        "flags\t\t: fpu avx2 fma\n\nprocessor\t: 1\ncpu family\t: 99\n"  # the first processor's block counts
+    zen3 = "\n".join(
+        [
+            "vendor_id\t: AuthenticAMD",
+            "cpu family\t: 25",
+            "model\t\t: 1",
+            "model name\t: AMD EPYC",
+            "stepping\t: 1",
+        ]
+        + [
+            "flags\t\t: fpu avx2 fma",
+            "",
+            "processor\t: 1",
+            "cpu family\t: 99",
+        ]  # the first processor's block counts
     )
     monkeypatch.setattr(hardware, "_cpuinfo", lambda: zen3)
     assert hardware.native_bf16() is None and hardware.cpu_info()["cpu_flags"] == ["avx2", "fma"]
