@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -226,6 +228,34 @@ def test_seed_spread_summary():
     assert out["test_accuracy"]["mean"] == pytest.approx(0.97) and out["test_accuracy"][
         "sd"
     ] == pytest.approx(0.01414, abs=1e-4)
+
+
+def test_seed_runs_compare_prediction_by_prediction(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from seeds import agree, sidecar, test_predictions
+
+    def conll(name, tags):  # two sentences after a document marker, as the NER recipe writes them
+        d = tmp_path / name
+        d.mkdir()
+        words = ["EU", "rejects", "it", "Peter", "Blackburn"]
+        lines = ["-DOCSTART- O O", ""]
+        for i, (w, t) in enumerate(zip(words, tags, strict=True)):
+            lines += [f"{w} O {t}"] + ([""] if i in (2, 4) else [])
+        (d / "test_predictions.conll").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return test_predictions(d)
+
+    a = conll("a", ["B-ORG", "O", "O", "B-PER", "I-PER"])
+    b = conll("b", ["B-ORG", "O", "O", "B-PER", "O"])
+    assert a == {"sentences": [["B-ORG", "O", "O"], ["B-PER", "I-PER"]]}
+    rows = tmp_path / "c"
+    rows.mkdir()
+    lines = [{"gold": "pos", "text": "fine", "label": "pos", "p_pos": 0.9}, {"gold": "neg", "label": "pos"}]
+    (rows / "test_predictions.jsonl").write_text("\n".join(map(json.dumps, lines)), encoding="utf-8")
+    assert test_predictions(rows) == {"rows": ["pos", "pos"]}
+    for name, preds in (("a", a), ("b", b)):
+        sidecar(tmp_path / f"{name}.json").write_bytes(gzip.compress(json.dumps({"42": preds}).encode()))
+    out = agree(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert out == {"42": {"sentences": 0.5, "words": 0.8}}
 
 
 def test_the_split_has_its_own_seed(fixtures):
