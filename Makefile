@@ -29,8 +29,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 recipe: install
 	$(BIN)/python recipes/$(TASK).py --config recipes/configs/$(TASK).yaml $(ARGS)
 
+# The slowest tests are listed at the end: the suite has to stay under 5 minutes.
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" -q --durations=10 $(ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow -q $(ARGS)
