@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ftkit.hardware import cpu_info
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--out", help="result JSON (default bench/results/<date>-<host>-seeds-<recipe>.json)")
     args = parser.parse_args(own)
+    machine = {**cpu_info(), "load_at_start": os.getloadavg()}  # walls mean little under load
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs, walls, predictions = [], [], {}
     for seed in args.seeds:
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{k:36s} {s['mean']:.4f} ± {s['sd']:.4f}  (min {s['min']:.4f}, max {s['max']:.4f})")
     result = {
         "recipe": args.recipe, "seeds": args.seeds, "args": extra, "host": socket.gethostname(),
-        "date": time.strftime("%Y-%m-%d"), "wall_seconds": walls, "summary": summary,
+        "date": time.strftime("%Y-%m-%d"), "machine": machine, "wall_seconds": walls, "summary": summary,
         "runs": [{k: v for k, v in r.items() if k.startswith(("test_", "baseline_", "eval_"))} for r in runs],
     }  # fmt: skip
     path = (
