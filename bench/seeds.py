@@ -51,8 +51,8 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def test_predictions(run_dir: Path) -> dict[str, list]:
-    """A run's test predictions without the texts: {"rows": one label (label set, rating) per test row}
+def kept_predictions(run_dir: Path) -> dict[str, list]:
+    """A run's test predictions without the texts: {"rows": one label (label set, score) per test row}
     from test_predictions.jsonl, or {"sentences": one list of tags per sentence} from NER's
     test_predictions.conll (word, gold tag, predicted tag per line; a blank line ends a sentence)."""
     conll = run_dir / "test_predictions.conll"
@@ -67,7 +67,7 @@ def test_predictions(run_dir: Path) -> dict[str, list]:
                 current = []
         return {"sentences": sentences}
     rows = [json.loads(line) for line in (run_dir / "test_predictions.jsonl").open(encoding="utf-8")]
-    key = next(k for k in ("label", "labels", "rating") if k in rows[0])
+    key = next(k for k in ("label", "labels", "score") if k in rows[0])
     return {"rows": [row[key] for row in rows]}
 
 
@@ -76,11 +76,14 @@ def sidecar(result_json: Path) -> Path:
 
 
 def agreement(a: dict[str, list], b: dict[str, list]) -> dict[str, float]:
-    """Share of test rows (NER: sentences, and words) that two runs predict the same."""
+    """Share of test rows (NER: sentences, and words) that two runs predict the same; for scores
+    (regression) the mean absolute difference instead."""
     kind = "sentences" if "sentences" in a else "rows"
     x, y = a[kind], b.get(kind, [])
     if len(x) != len(y):
         raise SystemExit(f"the runs scored different test sets: {len(x)} against {len(y)} {kind}")
+    if x and isinstance(x[0], float):
+        return {"mean_abs_diff": statistics.fmean(abs(p - q) for p, q in zip(x, y, strict=True))}
     out = {kind: sum(p == q for p, q in zip(x, y, strict=True)) / len(x)}
     if kind == "sentences":
         words = [(p, q) for sp, sq in zip(x, y, strict=True) for p, q in zip(sp, sq, strict=True)]
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         subprocess.run(cmd, check=True)
         walls.append(round(time.time() - start, 1))
         runs.append(json.loads((out / "all_results.json").read_text(encoding="utf-8")))
-        predictions[str(seed)] = test_predictions(out)
+        predictions[str(seed)] = kept_predictions(out)
     summary = summarize(runs)
     for k, s in summary.items():
         print(f"{k:36s} {s['mean']:.4f} ± {s['sd']:.4f}  (min {s['min']:.4f}, max {s['max']:.4f})")

@@ -232,7 +232,7 @@ def test_seed_spread_summary():
 
 def test_seed_runs_compare_prediction_by_prediction(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
-    from seeds import agree, sidecar, test_predictions
+    from seeds import agree, agreement, kept_predictions, sidecar
 
     def conll(name, tags):  # two sentences after a document marker, as the NER recipe writes them
         d = tmp_path / name
@@ -242,7 +242,7 @@ def test_seed_runs_compare_prediction_by_prediction(tmp_path):
         for i, (w, t) in enumerate(zip(words, tags, strict=True)):
             lines += [f"{w} O {t}"] + ([""] if i in (2, 4) else [])
         (d / "test_predictions.conll").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return test_predictions(d)
+        return kept_predictions(d)
 
     a = conll("a", ["B-ORG", "O", "O", "B-PER", "I-PER"])
     b = conll("b", ["B-ORG", "O", "O", "B-PER", "O"])
@@ -251,7 +251,8 @@ def test_seed_runs_compare_prediction_by_prediction(tmp_path):
     rows.mkdir()
     lines = [{"gold": "pos", "text": "fine", "label": "pos", "p_pos": 0.9}, {"gold": "neg", "label": "pos"}]
     (rows / "test_predictions.jsonl").write_text("\n".join(map(json.dumps, lines)), encoding="utf-8")
-    assert test_predictions(rows) == {"rows": ["pos", "pos"]}
+    assert kept_predictions(rows) == {"rows": ["pos", "pos"]}
+    assert agreement({"rows": [1.0, 2.5]}, {"rows": [1.5, 2.5]}) == {"mean_abs_diff": 0.25}
     for name, preds in (("a", a), ("b", b)):
         sidecar(tmp_path / f"{name}.json").write_bytes(gzip.compress(json.dumps({"42": preds}).encode()))
     out = agree(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
